@@ -1,0 +1,1 @@
+"""diffusion_lab: a Lightning + Hydra framework for diffusion-model research."""

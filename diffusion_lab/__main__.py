@@ -1,0 +1,5 @@
+"""``python -m diffusion_lab`` is ``dlab-train``."""
+
+from diffusion_lab.train import main
+
+main()

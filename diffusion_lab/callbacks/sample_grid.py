@@ -1,0 +1,52 @@
+"""Periodic sample grids from the EMA denoiser, saved as PNG in the run directory and logged to W&B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+
+from diffusion_lab.module import DiffusionModule
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Write an ``(H, W, 3)`` uint8 array as PNG atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(array).save(tmp)
+    tmp.replace(path)
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of training, sample ``num_samples``
+    examples with fixed per-index seeds (so grids are comparable across steps) and render them with
+    the datamodule's ``render``. Writes ``samples/step_XXXXXXX.png`` and ``samples_ema.png``.
+    """
+
+    def __init__(self, out_dir: str | Path, every_n_steps: int = 500, num_samples: int = 64) -> None:
+        self.out_dir = Path(out_dir)
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step < (trainer.max_steps or 0):
+            self._draw(trainer, pl_module, self.out_dir / "samples" / f"step_{step:07d}.png")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._draw(trainer, pl_module, self.out_dir / "samples_ema.png")
+
+    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, path: Path) -> None:
+        if self.num_samples <= 0 or not trainer.is_global_zero:
+            return
+        assert isinstance(pl_module, DiffusionModule)
+        out = pl_module.generate(range(self.num_samples))
+        image = trainer.datamodule.render(out.x0.cpu())  # type: ignore[attr-defined]
+        save_png(image, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples/ema", [image], step=trainer.global_step, caption=[f"NFE {out.nfe}"])

@@ -1,0 +1,344 @@
+"""Structured-config schemas, registered in Hydra's ConfigStore.
+
+Every YAML option under ``conf/<group>/`` extends one schema here (``defaults: [<name>_schema]``), so
+the composed config is typed: a mistyped key, a value of the wrong type or an enum value outside its
+choices fails at composition time, naming the valid keys or values. Range checks that types cannot
+express (positive counts, probabilities, combinations) live in :func:`validate_config`, which the
+entry points call right after composition, before any data is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+# ---------------------------------------------------------------------------------------------- diffusion
+
+
+@dataclass
+class LinearScheduleConfig:
+    _target_: str = "diffusion_lab.diffusion.schedules.LinearSchedule"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_timesteps: int = 1000
+    discrete: bool = True
+
+
+@dataclass
+class CosineScheduleConfig:
+    _target_: str = "diffusion_lab.diffusion.schedules.CosineSchedule"
+    s: float = 0.008
+    max_beta: float = 0.999
+    num_timesteps: int = 1000
+    discrete: bool = True
+
+
+@dataclass
+class ParameterizationConfig:
+    _target_: str = MISSING
+
+
+@dataclass
+class EpsMSEWeightingConfig:
+    _target_: str = "diffusion_lab.diffusion.weightings.EpsMSEWeighting"
+
+
+@dataclass
+class MinSNRWeightingConfig:
+    _target_: str = "diffusion_lab.diffusion.weightings.MinSNRWeighting"
+    gamma: float = 5.0
+
+
+@dataclass
+class UniformTimeSamplerConfig:
+    _target_: str = "diffusion_lab.diffusion.time_samplers.UniformTimeSampler"
+    t_min: float = 1e-5
+
+
+class Grid(str, Enum):
+    uniform = "uniform"
+
+
+class DDPMVariance(str, Enum):
+    small = "small"  # β̃ (posterior variance)
+    large = "large"  # β
+
+
+@dataclass
+class DDPMSamplerConfig:
+    _target_: str = "diffusion_lab.samplers.DDPMSampler"
+    steps: int = 1000
+    grid: Grid = Grid.uniform
+    clip_x0: float | None = 1.0
+    variance: DDPMVariance = DDPMVariance.small
+
+
+@dataclass
+class DDIMSamplerConfig:
+    _target_: str = "diffusion_lab.samplers.DDIMSampler"
+    steps: int = 50
+    grid: Grid = Grid.uniform
+    clip_x0: float | None = 1.0
+    eta: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class UNetConfig:
+    _target_: str = "diffusion_lab.models.UNet"
+    in_channels: int = 3
+    out_channels: int | None = None
+    resolution: int = 32
+    base_channels: int = 128
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    dropout: float = 0.1
+    num_heads: int = 1
+    num_head_channels: int | None = None
+    num_groups: int = 32
+    num_classes: int | None = None
+    resblock_updown: bool = False
+    use_scale_shift_norm: bool = False
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "diffusion_lab.models.MLP"
+    dim: int = 2
+    hidden: int = 256
+    num_layers: int = 4
+    time_embed_dim: int = 128
+    dropout: float = 0.0
+    num_classes: int | None = None
+    out_dim: int | None = None
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DigitsDataConfig:
+    _target_: str = "diffusion_lab.data.DigitsDataModule"
+    resolution: int = 16
+    resize: str = "pad"
+    batch_size: int = 128
+    val_fraction: float = 0.1
+    seed: int = 0
+    num_workers: int = 0
+    flip: bool = False
+
+
+@dataclass
+class Toy2DDataConfig:
+    _target_: str = "diffusion_lab.data.Toy2DDataModule"
+    name: str = "swiss_roll"
+    num_train: int = 100_000
+    num_val: int = 10_000
+    batch_size: int = 512
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class CIFAR10DataConfig:
+    _target_: str = "diffusion_lab.data.CIFAR10DataModule"
+    root: str = "data/cifar10"
+    download: bool = False
+    batch_size: int = 128
+    flip: bool = True
+    num_workers: int = 4
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------- metrics / logging
+
+
+@dataclass
+class MetricConfig:
+    """A sample-quality metric; ``_target_`` is ``None`` when the dataset has none configured."""
+
+    _target_: Any = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class Toy2DMetricConfig:
+    _target_: str = "diffusion_lab.metrics.Toy2DMetric"
+    num_projections: int = 256
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online if an API key is configured, otherwise offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class WandbConfig:
+    project: str = "diffusion_lab"
+    entity: str | None = None
+    mode: WandbMode = WandbMode.auto
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    job_type: str = "train"
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig | None = field(default_factory=WandbConfig)
+    csv: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainerConfig:
+    """Keyword arguments of ``lightning.Trainer`` that the project exposes."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    max_steps: int = 2000
+    max_epochs: int = -1
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 25
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 1
+    limit_val_batches: Any = 1.0
+    num_sanity_val_steps: int = 0
+    fast_dev_run: Any = False
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear warm-up to a constant learning rate (Ho et al. 2020 use Adam, warm-up 5000)."""
+
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999
+    start_step: int = 0
+
+
+@dataclass
+class CallbacksConfig:
+    sample_every_n_steps: int = 500
+    grid_samples: int = 64
+    checkpoint_every_n_steps: int = 500
+    rich_progress: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Sample-quality evaluation at the end of training (and every ``every_n_steps`` if > 0)."""
+
+    num_samples: int = 1000
+    batch_size: int = 500
+    every_n_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    dataset: Any = MISSING
+    schedule: Any = MISSING
+    parameterization: Any = MISSING
+    weighting: Any = MISSING
+    time_sampler: Any = MISSING
+    sampler: Any = MISSING
+    model: Any = MISSING
+    metrics: Any = field(default_factory=MetricConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    precision: str = "32"
+    seed: int = 0
+    name: str = "default"
+    ckpt_path: str | None = None
+
+
+@dataclass
+class SampleConfig:
+    ckpt_path: str = MISSING
+    sampler: Any = None
+    num_samples: int = 64
+    batch_size: int = 256
+    seed: int = 0
+    use_ema: bool = True
+    device: str = "cpu"
+    out_dir: str | None = None
+    grid: bool = True
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "schedule": {"linear": LinearScheduleConfig, "cosine": CosineScheduleConfig},
+    "parameterization": {"base": ParameterizationConfig},
+    "weighting": {"eps_mse": EpsMSEWeightingConfig, "min_snr": MinSNRWeightingConfig},
+    "time_sampler": {"uniform": UniformTimeSamplerConfig},
+    "sampler": {"ddpm": DDPMSamplerConfig, "ddim": DDIMSamplerConfig},
+    "model": {"unet": UNetConfig, "mlp": MLPConfig},
+    "dataset": {"digits": DigitsDataConfig, "toy2d": Toy2DDataConfig, "cifar10": CIFAR10DataConfig},
+    "metrics": {"none": MetricConfig, "toy2d": Toy2DMetricConfig, "digits_fd": MetricConfig},
+}
+
+
+def register_configs() -> None:
+    """Store every schema as ``schema/<group>/<name>`` and the top-level ones as ``*_schema``.
+
+    A YAML option extends its schema with ``defaults: [/schema/<group>/<name>@_here_]``.
+    """
+    cs = ConfigStore.instance()
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed", "64")
+
+
+class ConfigError(ValueError):
+    """A composed config with an out-of-range value or an impossible combination."""
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check ranges and combinations that the schema types cannot express; raise :class:`ConfigError`."""
+    if str(cfg.precision) not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r} is not supported; valid choices: {list(PRECISIONS)}")
+    checks: list[tuple[bool, str]] = [
+        (
+            cfg.trainer.max_steps > 0 or cfg.trainer.max_epochs > 0,
+            "trainer.max_steps or max_epochs must be > 0",
+        ),
+        (0.0 < cfg.ema.decay < 1.0, f"ema.decay must be in (0, 1), got {cfg.ema.decay}"),
+        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
+        (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}"),
+        (cfg.eval.num_samples >= 0, f"eval.num_samples must be >= 0, got {cfg.eval.num_samples}"),
+        (cfg.dataset.batch_size > 0, f"dataset.batch_size must be > 0, got {cfg.dataset.batch_size}"),
+        (cfg.sampler.steps > 0, f"sampler.steps must be > 0, got {cfg.sampler.steps}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

@@ -1,0 +1,220 @@
+"""The LightningModule: wires the loss, the network, EMA and the optimizer.
+
+The network is wrapped in a :class:`~diffusion_lab.diffusion.Denoiser` (network + schedule +
+parameterization); an EMA copy of the whole denoiser is kept in fp32 beside it, saved in the
+checkpoint under ``ema.*`` and used for sampling. Training always continues on the raw weights.
+The checkpoint also stores the resolved config (plain containers), so :func:`load_module` rebuilds the
+model without pickled objects and loads it with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from diffusion_lab.diffusion import (
+    Denoiser,
+    DiffusionLoss,
+    NoiseSchedule,
+    Parameterization,
+    TimeSampler,
+    Weighting,
+)
+from diffusion_lab.samplers import SampleOutput, Sampler
+from diffusion_lab.samplers.base import IndexedGenerator
+
+# Log-SNR bucket edges for the loss-vs-λ curve (Kingma & Gao 2023 plot the loss against λ).
+LOG_SNR_EDGES = (-10.0, -5.0, -2.5, 0.0, 2.5, 5.0, 10.0)
+
+
+def log_snr_bucket_names(edges: Sequence[float] = LOG_SNR_EDGES) -> list[str]:
+    """Human-readable bucket names ``"<-10"``, ``"[-10,-5)"``, …, ``">=10"``."""
+    inner = [f"[{lo:g},{hi:g})" for lo, hi in itertools.pairwise(edges)]
+    return [f"<{edges[0]:g}", *inner, f">={edges[-1]:g}"]
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains ``denoiser`` with ``loss``; samples with ``sampler`` from the EMA denoiser.
+
+    Args:
+        net: the network ``net(x, c_noise, y) -> F̂``.
+        schedule, parameterization, weighting, time_sampler: the objective's axes.
+        sampler: the default sampler for sample grids and evaluation.
+        data_shape: shape of one example, e.g. ``(1, 16, 16)`` or ``(2,)``.
+        optim: ``lr, betas, eps, weight_decay, warmup_steps``.
+        ema: ``decay, start_step``.
+        config: the resolved run config, stored in checkpoints.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        parameterization: Parameterization,
+        weighting: Weighting,
+        time_sampler: TimeSampler,
+        sampler: Sampler,
+        data_shape: Sequence[int],
+        optim: dict[str, Any],
+        ema: dict[str, Any],
+        num_classes: int | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.denoiser = Denoiser(net, schedule, parameterization)
+        self.loss_fn = DiffusionLoss(weighting, time_sampler)
+        self.sampler = sampler
+        self.data_shape = tuple(data_shape)
+        self.num_classes = num_classes
+        self.optim_cfg, self.ema_cfg = dict(optim), dict(ema)
+        self.config = config
+        self.ema = AveragedModel(
+            self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(self.ema_cfg["decay"]), use_buffers=True
+        )
+        self.ema.requires_grad_(False)
+        bins = len(LOG_SNR_EDGES) + 1
+        self.register_buffer("_bucket_sum", torch.zeros(bins, dtype=torch.float64), persistent=False)
+        self.register_buffer("_bucket_count", torch.zeros(bins, dtype=torch.float64), persistent=False)
+
+    # ------------------------------------------------------------------------------------- training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, y = batch
+        out = self.loss_fn(self.denoiser, x0, y if self.num_classes else None)
+        self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
+        self._accumulate_buckets(out.log_snr, out.per_example.detach())
+        return out.loss
+
+    def _accumulate_buckets(self, log_snr: Tensor, loss: Tensor) -> None:
+        edges = torch.tensor(LOG_SNR_EDGES, device=log_snr.device)
+        idx = torch.bucketize(log_snr.float(), edges, right=True)
+        self._bucket_sum.index_add_(0, idx, loss.double())
+        self._bucket_count.index_add_(0, idx, torch.ones_like(loss, dtype=torch.float64))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step <= self.ema_cfg["start_step"]:
+            # Before EMA starts, keep the copy equal to the live weights.
+            self.ema.module.load_state_dict(self.denoiser.state_dict())
+        else:
+            self.ema.update_parameters(self.denoiser)
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._log_buckets()
+
+    def _log_buckets(self) -> None:
+        total, count = self._bucket_sum.clone(), self._bucket_count.clone()
+        if self.trainer.world_size > 1:
+            total, count = self.all_gather(total).sum(0), self.all_gather(count).sum(0)
+        for name, s, n in zip(log_snr_bucket_names(), total.tolist(), count.tolist(), strict=True):
+            if n > 0:
+                self.log(f"train/loss_by_logsnr/{name}", s / n, on_step=True, rank_zero_only=True)
+        self._bucket_sum.zero_()
+        self._bucket_count.zero_()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x0, y = batch
+        # A fixed generator per batch makes the validation loss comparable across evaluations.
+        gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
+        out = self.loss_fn(self.ema.module, x0, y if self.num_classes else None, generator=gen)
+        self.log("val/loss_ema", out.loss, on_epoch=True, sync_dist=True, batch_size=x0.shape[0])
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.optim_cfg
+        optimizer = torch.optim.AdamW(
+            self.denoiser.parameters(),
+            lr=cfg["lr"],
+            betas=tuple(cfg["betas"]),
+            eps=cfg["eps"],
+            weight_decay=cfg["weight_decay"],
+        )
+        warmup = int(cfg["warmup_steps"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------- sampling
+    def ema_denoiser(self) -> Denoiser:
+        """The EMA copy of the denoiser (what sampling and evaluation use)."""
+        module = self.ema.module
+        assert isinstance(module, Denoiser)
+        return module
+
+    @torch.no_grad()
+    def generate(
+        self,
+        indices: Sequence[int],
+        seed: int = 0,
+        sampler: Sampler | None = None,
+        use_ema: bool = True,
+        y: Tensor | None = None,
+        progress: bool = False,
+    ) -> SampleOutput:
+        """Sample one example per index; example ``i`` depends only on ``(seed, i)`` (EDM's pattern).
+
+        Returns samples ``(len(indices), *data_shape)`` and the sampler's NFE.
+        """
+        sampler = sampler or self.sampler
+        denoiser = self.ema_denoiser() if use_ema else self.denoiser
+        was_training = denoiser.training
+        denoiser.eval()
+        gen = IndexedGenerator([seed * 1_000_003 + int(i) for i in indices], device=self.device)
+        x_T = sampler.prior((len(indices), *self.data_shape), denoiser.schedule, gen, self.device)
+        out = sampler.sample(denoiser, x_T, y=y, generator=gen, progress=progress)
+        denoiser.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["diffusion_lab_config"] = self.config
+        checkpoint["data_shape"] = list(self.data_shape)
+        checkpoint["num_classes"] = self.num_classes
+
+
+def build_module(cfg: DictConfig, data_shape: Sequence[int], num_classes: int | None) -> DiffusionModule:
+    """Instantiate every axis of ``cfg`` into a :class:`DiffusionModule`."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    return DiffusionModule(
+        net=instantiate(cfg.model),
+        schedule=instantiate(cfg.schedule),
+        parameterization=instantiate(cfg.parameterization),
+        weighting=instantiate(cfg.weighting),
+        time_sampler=instantiate(cfg.time_sampler),
+        sampler=instantiate(cfg.sampler),
+        data_shape=data_shape,
+        optim=OmegaConf.to_container(cfg.optim),  # type: ignore[arg-type]
+        ema=OmegaConf.to_container(cfg.ema),  # type: ignore[arg-type]
+        num_classes=num_classes,
+        config={str(k): v for k, v in container.items()},
+    )
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``: no arbitrary pickle execution)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt_path=<path to a .ckpt file>)")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if "diffusion_lab_config" not in ckpt:
+        raise ValueError(f"{path} is not a diffusion_lab checkpoint (no 'diffusion_lab_config' entry)")
+    return ckpt
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
+    """Rebuild a :class:`DiffusionModule` from a checkpoint's stored config and load its weights."""
+    ckpt = load_checkpoint(path, map_location)
+    cfg = OmegaConf.create(ckpt["diffusion_lab_config"])
+    module = build_module(cfg, ckpt["data_shape"], ckpt.get("num_classes"))
+    module.load_state_dict(ckpt["state_dict"])
+    return module.to(map_location)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup_steps`` optimizer steps, then 1."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0

@@ -1,0 +1,52 @@
+"""DDPM ancestral sampling (Ho et al. 2020 Alg. 2), respaced to any grid (Nichol & Dhariwal 2021 §4)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from diffusion_lab.samplers.base import (
+    CountingDenoiser,
+    Generator,
+    Sampler,
+    noise_like,
+    posterior_coefficients,
+)
+
+VARIANCES = ("small", "large")
+
+
+# Ho et al. 2020 Alg. 2 with σ_t² = β̃_t ("small") or β_t ("large"); on a respaced grid the step's
+# β is 1 − ᾱ_s/ᾱ_r (Nichol & Dhariwal 2021 eq. 19), i.e. σ²_{s|r} in the general form.
+class DDPMSampler(Sampler):
+    """Ancestral sampling: ``x_r ∼ N(μ̃(x_s, x̂0), σ²)``; no noise is added on the last step."""
+
+    name = "ddpm"
+
+    def __init__(
+        self, steps: int = 1000, grid: str = "uniform", clip_x0: float | None = None, variance: str = "small"
+    ) -> None:
+        super().__init__(steps, grid, clip_x0)
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown sampler.variance {variance!r}; valid choices: {list(VARIANCES)}")
+        self.variance = variance
+
+    def step(
+        self,
+        model: CountingDenoiser,
+        x: Tensor,
+        t: float,
+        coefs: tuple[Tensor, Tensor, Tensor, Tensor],
+        y: Tensor | None,
+        generator: Generator,
+    ) -> Tensor:
+        alpha_s, sigma_s, alpha_r, sigma_r = coefs
+        a, b, var = posterior_coefficients(alpha_s, sigma_s, alpha_r, sigma_r)
+        x0_hat = model(x, t, y)
+        mean = a * x + b * x0_hat
+        if float(sigma_r) == 0.0:
+            return mean
+        if self.variance == "large":
+            var = float(sigma_s**2 - (alpha_s / alpha_r) ** 2 * sigma_r**2)
+        return mean + math.sqrt(var) * noise_like(x, generator)

@@ -1,0 +1,146 @@
+"""dlab-train: compose the config, build data + module + trainer, fit, evaluate, write the run summary.
+
+    dlab-train                                  # the default experiment (digits, CPU, a few minutes)
+    dlab-train experiment=toy2d schedule=cosine parameterization=v weighting=min_snr
+    python -m diffusion_lab.train trainer=ddp trainer.accelerator=cpu trainer.devices=2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.callbacks import SampleEvaluation, SampleGrid
+from diffusion_lab.config import WandbMode, register_configs, validate_config
+from diffusion_lab.module import DiffusionModule, build_module
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def wandb_mode(requested: str) -> str:
+    """``auto`` → ``online`` when an API key is configured (env or ~/.netrc), else ``offline``."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return "online" if netrc.is_file() and "api.wandb.ai" in netrc.read_text() else "offline"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    """CSV metrics in the run dir, plus W&B (offline unless logged in) with the resolved config."""
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    wb = cfg.logger.wandb
+    mode = wandb_mode(WandbMode(wb.mode).value) if wb is not None else "disabled"
+    if wb is not None and mode != "disabled":
+        logger = WandbLogger(
+            project=wb.project,
+            entity=wb.entity,
+            group=wb.group,
+            tags=list(wb.tags),
+            job_type=wb.job_type,
+            name=f"{cfg.name}-{run_dir.name}",
+            save_dir=str(run_dir),
+            mode=mode,
+        )
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        loggers.append(logger)
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    """A ``lightning.Trainer`` from ``cfg.trainer`` + ``cfg.precision`` with checkpoints in the run dir."""
+    ckpt = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps,
+    )
+    extra: list[L.Callback] = [ckpt, LearningRateMonitor(logging_interval="step")]
+    if cfg.callbacks.rich_progress:
+        extra.append(RichProgressBar())
+    trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer)  # type: ignore[assignment]
+    loggers = build_loggers(cfg, run_dir) if not cfg.trainer.fast_dev_run else []
+    return L.Trainer(
+        **trainer_kwargs,
+        precision=str(cfg.precision),  # type: ignore[arg-type]
+        logger=loggers or False,
+        callbacks=[*callbacks, *extra],
+        default_root_dir=str(run_dir),
+    )
+
+
+def write_summary(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Write ``metrics.json`` (final metrics with protocol) atomically and return its path."""
+    path = run_dir / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run one training job in ``run_dir``; returns the final metrics."""
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.dataset)
+    module: DiffusionModule = build_module(cfg, datamodule.data_shape, datamodule.num_classes)
+    metric = instantiate(cfg.metrics) if cfg.metrics.get("_target_") else None
+    if metric is not None and hasattr(metric, "bind"):
+        metric.bind(datamodule)
+    evaluation = SampleEvaluation(metric, cfg.eval.num_samples, cfg.eval.batch_size, cfg.eval.every_n_steps)
+    grid = SampleGrid(run_dir, cfg.callbacks.sample_every_n_steps, cfg.callbacks.grid_samples)
+    trainer = build_trainer(cfg, run_dir, [grid, evaluation])
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    elapsed = time.perf_counter() - start
+    steps = trainer.global_step
+    metrics: dict[str, Any] = {
+        "train/loss": float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan")))),
+        "train/steps": steps,
+        "train/examples_per_s": steps * cfg.dataset.batch_size * trainer.world_size / max(elapsed, 1e-9),
+        "train/wall_s": elapsed,
+        **evaluation.results,
+        "protocol": {
+            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+            "eval_samples": cfg.eval.num_samples,
+            "reference": f"{cfg.dataset._target_.rsplit('.', 1)[-1]} train split",
+            "weights": "EMA",
+        },
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+    }
+    if trainer.is_global_zero:
+        write_summary(cfg, run_dir, metrics)
+    return metrics
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Console entry point ``dlab-train``."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    metrics = train(cfg, run_dir)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        shown = {k: v for k, v in metrics.items() if k != "protocol"}
+        print(json.dumps(shown, indent=2, sort_keys=True))
+        print(f"run directory: {run_dir}")
+
+
+if __name__ == "__main__":
+    main()
