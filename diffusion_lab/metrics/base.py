@@ -1,0 +1,127 @@
+"""One interface for sample metrics, its two built-in implementations, and protocol-carrying log keys."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from diffusion_lab.metrics import toy2d
+from diffusion_lab.metrics.digits import DigitsFrechetDistance
+from diffusion_lab.metrics.toy2d import DEFAULT_BANDWIDTHS
+
+__all__ = ["DigitsFDMetric", "SampleMetric", "Toy2DMetric", "format_count", "protocol_key"]
+
+
+@runtime_checkable
+class SampleMetric(Protocol):
+    """Scores generated ``samples`` against ``reference`` data; returns raw numbers keyed by metric name.
+
+    The keys are bare (``"fd_digits"``); the evaluation loop turns them into protocol-carrying keys with
+    :func:`protocol_key`.
+    """
+
+    name: str
+
+    def compute(self, samples: Tensor, reference: Tensor) -> dict[str, float]:
+        """``samples (N, ...)``, ``reference (M, ...)`` -> ``{metric_name: value}``."""
+        ...
+
+
+class Toy2DMetric:
+    """Energy distance, MMD² (sum of Gaussian kernels) and SW2 for ``(N, 2)`` point sets.
+
+    Args:
+        num_projections: directions for :func:`sliced_wasserstein`, drawn from a generator seeded with
+            ``seed`` at every call, so repeated calls use the same directions.
+        log_prob: optional true log-density ``(N, 2) -> (N,)``; adds ``mean_log_prob`` and
+            ``finite_density_fraction``.
+        bandwidths: Gaussian-kernel widths for :func:`mmd_rbf`.
+        seed: seed of the projection generator.
+    """
+
+    name = "toy2d"
+
+    def __init__(
+        self,
+        num_projections: int = 256,
+        log_prob: Callable[[Tensor], Tensor] | None = None,
+        bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+        seed: int = 0,
+    ) -> None:
+        self.num_projections, self.bandwidths, self.seed = num_projections, tuple(bandwidths), seed
+        self.log_prob = log_prob
+
+    def compute(self, samples: Tensor, reference: Tensor) -> dict[str, float]:
+        """``samples (N, 2)``, ``reference (M, 2)`` -> ``{energy_distance, mmd_rbf, sliced_wasserstein}``.
+
+        Plus ``mean_log_prob`` and ``finite_density_fraction`` when ``log_prob`` was given.
+        """
+        gen = torch.Generator().manual_seed(self.seed)
+        out = {
+            "energy_distance": toy2d.energy_distance(samples, reference),
+            "mmd_rbf": toy2d.mmd_rbf(samples, reference, self.bandwidths),
+            "sliced_wasserstein": toy2d.sliced_wasserstein(samples, reference, self.num_projections, gen),
+        }
+        if self.log_prob is not None:
+            lp = toy2d.mean_log_prob(samples, self.log_prob)
+            out |= {"mean_log_prob": lp.mean_log_prob, "finite_density_fraction": lp.finite_density_fraction}
+        return out
+
+
+class DigitsFDMetric:
+    """``fd_digits``, ``class_coverage`` and ``class_entropy`` via :class:`DigitsFrechetDistance`.
+
+    The classifier is loaded (or trained and cached) on the first :meth:`compute`, not at construction,
+    so building a config never trains anything.
+
+    Args:
+        cache_dir: classifier cache directory (default ``~/.cache/diffusion_lab/digits_classifier``).
+        device: feature-extraction device.
+        resize: ``"pool"`` or ``"center_crop"`` (see :mod:`diffusion_lab.metrics.digits`).
+    """
+
+    name = "digits"
+
+    def __init__(self, cache_dir: str | None = None, device: str = "cpu", resize: str = "pool") -> None:
+        self.cache_dir, self.device, self.resize = cache_dir, device, resize
+        self._fd: DigitsFrechetDistance | None = None
+
+    @property
+    def extractor(self) -> DigitsFrechetDistance:
+        """The underlying :class:`DigitsFrechetDistance` (created on first access)."""
+        if self._fd is None:
+            self._fd = DigitsFrechetDistance(self.cache_dir, self.device, self.resize)
+        return self._fd
+
+    def compute(self, samples: Tensor, reference: Tensor) -> dict[str, float]:
+        """``samples (N, 1, H, W)``, ``reference (M, 1, H', W')`` in ``[-1, 1]`` -> the three digits keys."""
+        return self.extractor.compute(samples, reference)
+
+
+# Largest unit first; a count is abbreviated only when the unit divides it exactly (no rounding).
+_COUNT_UNITS: tuple[tuple[int, str], ...] = ((1_000_000, "M"), (1_000, "k"))
+
+
+def format_count(n: int) -> str:
+    """Sample count as written in metric keys: 500 -> ``"500"``, 1000 -> ``"1k"``, 50000 -> ``"50k"``,
+    2_000_000 -> ``"2M"``, 1500 -> ``"1500"`` (exact, never rounded)."""
+    if n <= 0:
+        raise ValueError(f"sample count must be positive, got {n}")
+    unit = next(((size, suffix) for size, suffix in _COUNT_UNITS if n % size == 0), (1, ""))
+    return f"{n // unit[0]}{unit[1]}"
+
+
+def protocol_key(prefix: str, name: str, num_samples: int, nfe: int) -> str:
+    """Log key carrying the sampling protocol: ``protocol_key("val", "fd_digits", 1000, 50)`` ->
+    ``"val/fd_digits@1k_nfe50"``. An empty ``prefix`` drops the ``"prefix/"`` part.
+
+    The reference set and feature extractor are not in the key; the caller records them in the run
+    summary (e.g. :attr:`DigitsFrechetDistance.extractor_id`).
+    """
+    if nfe <= 0:
+        raise ValueError(f"nfe must be positive, got {nfe}")
+    key = f"{name}@{format_count(num_samples)}_nfe{nfe}"
+    return f"{prefix}/{key}" if prefix else key
