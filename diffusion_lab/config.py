@@ -155,17 +155,24 @@ class CIFAR10DataConfig:
     flip: bool = True
     num_workers: int = 4
     seed: int = 0
+    verify_md5: bool = True
 
 
 # --------------------------------------------------------------------------------------- metrics / logging
 
 
 @dataclass
-class MetricConfig:
-    """A sample-quality metric; ``_target_`` is ``None`` when the dataset has none configured."""
+class NoMetricConfig:
+    """No sample-quality metric (``metrics=none``)."""
 
     _target_: Any = None
+
+
+@dataclass
+class DigitsFDMetricConfig:
+    _target_: str = "diffusion_lab.metrics.DigitsFDMetric"
     cache_dir: str | None = None
+    resize: str = "center_crop"
 
 
 @dataclass
@@ -265,7 +272,7 @@ class TrainConfig:
     time_sampler: Any = MISSING
     sampler: Any = MISSING
     model: Any = MISSING
-    metrics: Any = field(default_factory=MetricConfig)
+    metrics: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
@@ -299,7 +306,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "sampler": {"ddpm": DDPMSamplerConfig, "ddim": DDIMSamplerConfig},
     "model": {"unet": UNetConfig, "mlp": MLPConfig},
     "dataset": {"digits": DigitsDataConfig, "toy2d": Toy2DDataConfig, "cifar10": CIFAR10DataConfig},
-    "metrics": {"none": MetricConfig, "toy2d": Toy2DMetricConfig, "digits_fd": MetricConfig},
+    "metrics": {"none": NoMetricConfig, "toy2d": Toy2DMetricConfig, "digits_fd": DigitsFDMetricConfig},
 }
 
 
@@ -342,3 +349,23 @@ def validate_config(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_digits_metric(cfg)
+
+
+# How the digits metric undoes each way the dataset reaches 16×16 or 32×32.
+DIGITS_METRIC_RESIZE = {"pad": "center_crop", "upsample": "pool"}
+
+
+def _check_digits_metric(cfg: DictConfig) -> None:
+    """The digits Fréchet distance must map samples back to 8×8 the way the dataset left it."""
+    target = str(cfg.metrics.get("_target_") or "")
+    if not target.endswith("DigitsFDMetric"):
+        return
+    if not str(cfg.dataset._target_).endswith("DigitsDataModule"):
+        raise ConfigError("metrics=digits_fd needs dataset=digits (it scores 8×8 digit images)")
+    expected = DIGITS_METRIC_RESIZE[cfg.dataset.resize]
+    if cfg.dataset.resolution != 8 and cfg.metrics.resize != expected:
+        raise ConfigError(
+            f"dataset.resize={cfg.dataset.resize} needs metrics.resize={expected} "
+            f"(valid pairs: {DIGITS_METRIC_RESIZE}), got metrics.resize={cfg.metrics.resize}"
+        )

@@ -55,6 +55,9 @@ class DiffusionModule(L.LightningModule):
         config: the resolved run config, stored in checkpoints.
     """
 
+    _bucket_sum: Tensor
+    _bucket_count: Tensor
+
     def __init__(
         self,
         net: nn.Module,
@@ -68,6 +71,7 @@ class DiffusionModule(L.LightningModule):
         ema: dict[str, Any],
         num_classes: int | None = None,
         config: dict[str, Any] | None = None,
+        log_every_n_steps: int = 25,
     ) -> None:
         super().__init__()
         self.denoiser = Denoiser(net, schedule, parameterization)
@@ -77,6 +81,7 @@ class DiffusionModule(L.LightningModule):
         self.num_classes = num_classes
         self.optim_cfg, self.ema_cfg = dict(optim), dict(ema)
         self.config = config
+        self.log_every_n_steps = log_every_n_steps
         self.ema = AveragedModel(
             self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(self.ema_cfg["decay"]), use_buffers=True
         )
@@ -105,13 +110,14 @@ class DiffusionModule(L.LightningModule):
             self.ema.module.load_state_dict(self.denoiser.state_dict())
         else:
             self.ema.update_parameters(self.denoiser)
-        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+        if self.global_step % max(self.log_every_n_steps, 1) == 0:
             self._log_buckets()
 
     def _log_buckets(self) -> None:
         total, count = self._bucket_sum.clone(), self._bucket_count.clone()
         if self.trainer.world_size > 1:
-            total, count = self.all_gather(total).sum(0), self.all_gather(count).sum(0)
+            total = torch.as_tensor(self.all_gather(total)).sum(0)
+            count = torch.as_tensor(self.all_gather(count)).sum(0)
         for name, s, n in zip(log_snr_bucket_names(), total.tolist(), count.tolist(), strict=True):
             if n > 0:
                 self.log(f"train/loss_by_logsnr/{name}", s / n, on_step=True, rank_zero_only=True)
@@ -122,7 +128,7 @@ class DiffusionModule(L.LightningModule):
         x0, y = batch
         # A fixed generator per batch makes the validation loss comparable across evaluations.
         gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
-        out = self.loss_fn(self.ema.module, x0, y if self.num_classes else None, generator=gen)
+        out = self.loss_fn(self.ema_denoiser(), x0, y if self.num_classes else None, generator=gen)
         self.log("val/loss_ema", out.loss, on_epoch=True, sync_dist=True, batch_size=x0.shape[0])
 
     def configure_optimizers(self) -> Any:
@@ -173,12 +179,14 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffusion_lab_config"] = self.config
         checkpoint["data_shape"] = list(self.data_shape)
-        checkpoint["num_classes"] = self.num_classes
 
 
-def build_module(cfg: DictConfig, data_shape: Sequence[int], num_classes: int | None) -> DiffusionModule:
-    """Instantiate every axis of ``cfg`` into a :class:`DiffusionModule`."""
-    container = OmegaConf.to_container(cfg, resolve=True)
+def build_module(cfg: DictConfig, data_shape: Sequence[int]) -> DiffusionModule:
+    """Instantiate every axis of ``cfg`` into a :class:`DiffusionModule`.
+
+    The model is class-conditional exactly when ``cfg.model.num_classes`` is set.
+    """
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(container, dict)
     return DiffusionModule(
         net=instantiate(cfg.model),
@@ -188,9 +196,10 @@ def build_module(cfg: DictConfig, data_shape: Sequence[int], num_classes: int | 
         time_sampler=instantiate(cfg.time_sampler),
         sampler=instantiate(cfg.sampler),
         data_shape=data_shape,
-        optim=OmegaConf.to_container(cfg.optim),  # type: ignore[arg-type]
-        ema=OmegaConf.to_container(cfg.ema),  # type: ignore[arg-type]
-        num_classes=num_classes,
+        optim=container["optim"],
+        ema=container["ema"],
+        num_classes=cfg.model.get("num_classes"),
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
         config={str(k): v for k, v in container.items()},
     )
 
@@ -210,7 +219,7 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> D
     """Rebuild a :class:`DiffusionModule` from a checkpoint's stored config and load its weights."""
     ckpt = load_checkpoint(path, map_location)
     cfg = OmegaConf.create(ckpt["diffusion_lab_config"])
-    module = build_module(cfg, ckpt["data_shape"], ckpt.get("num_classes"))
+    module = build_module(cfg, ckpt["data_shape"])
     module.load_state_dict(ckpt["state_dict"])
     return module.to(map_location)
 

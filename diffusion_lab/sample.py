@@ -58,8 +58,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     np.savez(out_dir / "samples.npz", x0=samples.numpy(), nfe=nfe, seed=cfg.seed)
     if cfg.grid:
         save_png(render(module.config, samples), out_dir / "grid.png")
-    summary = {"nfe": nfe, "samples_per_s": rate, "num_samples": cfg.num_samples, "sampler": sampler.name,
-               "steps": sampler.steps, "ema": cfg.use_ema, "out_dir": str(out_dir)}
+    summary = {
+        "nfe": nfe,
+        "samples_per_s": rate,
+        "num_samples": cfg.num_samples,
+        "sampler": sampler.name,
+        "steps": sampler.steps,
+        "ema": cfg.use_ema,
+        "out_dir": str(out_dir),
+    }
     (out_dir / "sample_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -72,8 +79,10 @@ def main(cfg: DictConfig) -> None:
     """Console entry point ``dlab-sample``."""
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     summary = run(cfg, out_dir)
-    print(f"NFE: {summary['nfe']}  samples/s: {summary['samples_per_s']:.1f}  "
-          f"({summary['num_samples']} samples, {summary['sampler']}, {summary['steps']} steps)")
+    print(
+        f"NFE: {summary['nfe']}  samples/s: {summary['samples_per_s']:.1f}  "
+        f"({summary['num_samples']} samples, {summary['sampler']}, {summary['steps']} steps)"
+    )
     print(f"wrote {out_dir / 'samples.npz'} and {out_dir / 'grid.png'}")
 
 

@@ -1,12 +1,13 @@
 """dlab-train: compose the config, build data + module + trainer, fit, evaluate, write the run summary.
 
-    dlab-train                                  # the default experiment (digits, CPU, a few minutes)
-    dlab-train experiment=toy2d schedule=cosine parameterization=v weighting=min_snr
-    python -m diffusion_lab.train trainer=ddp trainer.accelerator=cpu trainer.devices=2
+dlab-train                                  # the default experiment (digits, CPU, a few minutes)
+dlab-train experiment=toy2d schedule=cosine parameterization=v weighting=min_snr
+python -m diffusion_lab.train trainer=ddp trainer.accelerator=cpu trainer.devices=2
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -23,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks import SampleEvaluation, SampleGrid
-from diffusion_lab.config import WandbMode, register_configs, validate_config
+from diffusion_lab.config import ConfigError, WandbMode, register_configs, validate_config
 from diffusion_lab.module import DiffusionModule, build_module
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -57,7 +58,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
             save_dir=str(run_dir),
             mode=mode,
         )
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))  # type: ignore[arg-type]
         loggers.append(logger)
     return loggers
 
@@ -70,11 +71,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -
         save_top_k=0,
         every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps,
     )
-    extra: list[L.Callback] = [ckpt, LearningRateMonitor(logging_interval="step")]
+    loggers = build_loggers(cfg, run_dir) if not cfg.trainer.fast_dev_run else []
+    extra: list[L.Callback] = [ckpt]
+    if loggers:
+        extra.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.rich_progress:
         extra.append(RichProgressBar())
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer)  # type: ignore[assignment]
-    loggers = build_loggers(cfg, run_dir) if not cfg.trainer.fast_dev_run else []
     return L.Trainer(
         **trainer_kwargs,
         precision=str(cfg.precision),  # type: ignore[arg-type]
@@ -93,15 +96,31 @@ def write_summary(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> Pa
     return path
 
 
+def build_metric(cfg: DictConfig, datamodule: Any) -> Any:
+    """The configured sample metric; a dataset with a known density (toy 2-D) supplies its log-density."""
+    if not cfg.metrics.get("_target_"):
+        return None
+    log_prob = getattr(datamodule, "log_prob", None)
+    extra = {"log_prob": log_prob} if log_prob is not None and "log_prob" in _init_args(cfg.metrics) else {}
+    return instantiate(cfg.metrics, **extra)
+
+
+def _init_args(node: DictConfig) -> set[str]:
+    target = hydra.utils.get_class(node._target_)
+    return set(inspect.signature(target).parameters)
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one training job in ``run_dir``; returns the final metrics."""
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
-    module: DiffusionModule = build_module(cfg, datamodule.data_shape, datamodule.num_classes)
-    metric = instantiate(cfg.metrics) if cfg.metrics.get("_target_") else None
-    if metric is not None and hasattr(metric, "bind"):
-        metric.bind(datamodule)
+    if cfg.model.get("num_classes") is not None and datamodule.num_classes != cfg.model.num_classes:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but the dataset has num_classes={datamodule.num_classes}"
+        )
+    module: DiffusionModule = build_module(cfg, datamodule.data_shape)
+    metric = build_metric(cfg, datamodule)
     evaluation = SampleEvaluation(metric, cfg.eval.num_samples, cfg.eval.batch_size, cfg.eval.every_n_steps)
     grid = SampleGrid(run_dir, cfg.callbacks.sample_every_n_steps, cfg.callbacks.grid_samples)
     trainer = build_trainer(cfg, run_dir, [grid, evaluation])
@@ -116,7 +135,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "train/wall_s": elapsed,
         **evaluation.results,
         "protocol": {
-            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True, enum_to_str=True),
             "eval_samples": cfg.eval.num_samples,
             "reference": f"{cfg.dataset._target_.rsplit('.', 1)[-1]} train split",
             "weights": "EMA",

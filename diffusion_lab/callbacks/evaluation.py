@@ -19,7 +19,9 @@ from diffusion_lab.module import DiffusionModule
 MAX_REFERENCE = 10_000
 
 
-def generate_in_batches(module: DiffusionModule, num_samples: int, batch_size: int, seed: int = 0) -> tuple[Tensor, int, float]:
+def generate_in_batches(
+    module: DiffusionModule, num_samples: int, batch_size: int, seed: int = 0
+) -> tuple[Tensor, int, float]:
     """``num_samples`` EMA samples (index-seeded), the NFE per sample and the sampling rate (samples/s)."""
     chunks, nfe = [], 0
     start = time.perf_counter()

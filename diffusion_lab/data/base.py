@@ -84,11 +84,12 @@ def collate_batch(batch: Batch | list[Batch]) -> Batch:
     return torch.stack(xs), torch.stack(ys)
 
 
-def render_image_grid(samples: Tensor) -> np.ndarray:
-    """Draw images as a square grid.
+def render_image_grid(samples: Tensor, min_size: int = 32) -> np.ndarray:
+    """Draw images as a square grid; images smaller than ``min_size`` are enlarged (nearest neighbour).
 
     Args:
         samples: (B, C, H, W) with C in {1, 3}, values in [-1, 1] (clamped).
+        min_size: smallest displayed image side in pixels (an integer nearest-neighbour factor).
 
     Returns:
         (H', W', 3) uint8 grid with ``ceil(sqrt(B))`` images per row and 2-pixel padding.
@@ -96,6 +97,8 @@ def render_image_grid(samples: Tensor) -> np.ndarray:
     if samples.dim() != 4:
         raise ValueError(f"expected samples of shape (B, C, H, W), got {tuple(samples.shape)}")
     unit = (samples.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    factor = max(1, math.ceil(min_size / unit.shape[-1]))
+    unit = unit.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     grid = make_grid(unit, nrow=math.ceil(math.sqrt(len(unit))), padding=2, pad_value=1.0)
     return grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 

@@ -23,9 +23,7 @@ class Denoiser(nn.Module):
         self.schedule = schedule
         self.parameterization = parameterization
 
-    def network_output(
-        self, x_t: Tensor, t: Tensor, y: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def network_output(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Raw network output ``F̂`` (float32) and the broadcast ``(α, σ)`` used to invert it."""
         param = self.parameterization
         alpha, sigma = (expand_like(c, x_t) for c in self.schedule.alpha_sigma(t))

@@ -73,8 +73,8 @@ class NoiseSchedule(nn.Module, ABC):
         """``dα/dt, dσ/dt, dλ/dt`` at ``t`` by forward-mode autodiff; subclasses may override."""
         t = t.detach().float()
         ones = torch.ones_like(t)
-        _, (d_alpha, d_sigma) = torch.func.jvp(self.alpha_sigma, (t,), (ones,))
-        _, d_log_snr = torch.func.jvp(self.log_snr, (t,), (ones,))
+        d_alpha, d_sigma = torch.func.jvp(self.alpha_sigma, (t,), (ones,))[1]
+        d_log_snr = torch.func.jvp(self.log_snr, (t,), (ones,))[1]
         return ScheduleDerivatives(d_alpha=d_alpha, d_sigma=d_sigma, d_log_snr=d_log_snr)
 
     def t_from_log_snr(self, log_snr: Tensor, iters: int = 60) -> Tensor:
@@ -163,9 +163,7 @@ class LinearSchedule(DiscreteBetaSchedule):
         discrete: bool = True,
     ) -> None:
         if not 0.0 < beta_start < beta_end < 1.0:
-            raise ValueError(
-                f"linear schedule needs 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}"
-            )
+            raise ValueError(f"linear schedule needs 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
         self.beta_start, self.beta_end = beta_start, beta_end
         super().__init__(num_timesteps, discrete)
 

@@ -234,9 +234,7 @@ def load_or_train_classifier(
         return cached[0], cached[1], True
     model, info = train_digits_classifier(cfg)
     state = model.state_dict()
-    _save_atomic(
-        {"cache_key": cfg.cache_key(), "config": asdict(cfg), "info": info, "state_dict": state}, path
-    )
+    _save_atomic({"cache_key": cfg.cache_key(), "config": asdict(cfg), "info": info, "state_dict": state}, path)
     return model, info, False
 
 
@@ -324,9 +322,7 @@ class DigitsFrechetDistance:
         """Float64 feature mean ``(D,)`` and covariance ``(D, D)`` of reference images ``(N, 1, H, W)``."""
         return feature_statistics(self.features(images))
 
-    def compute_from_stats(
-        self, samples: Tensor, mu_ref: Float64Array, sigma_ref: Float64Array
-    ) -> dict[str, float]:
+    def compute_from_stats(self, samples: Tensor, mu_ref: Float64Array, sigma_ref: Float64Array) -> dict[str, float]:
         """Like :meth:`compute`, against precomputed :meth:`reference_stats`."""
         feats, preds = self._run(samples)
         mu, sigma = feature_statistics(feats)

@@ -97,9 +97,7 @@ class ConditionEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         _require(freq_dim >= 2, f"ConditionEmbedding: freq_dim must be >= 2, got {freq_dim}")
-        _require(
-            num_classes is None or num_classes >= 1, f"num_classes must be None or >= 1, got {num_classes}"
-        )
+        _require(num_classes is None or num_classes >= 1, f"num_classes must be None or >= 1, got {num_classes}")
         self.freq_dim = freq_dim
         self.max_period = max_period
         self.num_classes = num_classes

@@ -283,9 +283,7 @@ class UNet(nn.Module):
 
     def _res(self, in_ch: int, out_ch: int, resample: nn.Module | None = None) -> ResBlock:
         """A ResBlock with this UNet's embedding width, dropout, norm and conditioning style."""
-        return ResBlock(
-            in_ch, out_ch, self.emb_dim, self.dropout, self.num_groups, self.use_scale_shift_norm, resample
-        )
+        return ResBlock(in_ch, out_ch, self.emb_dim, self.dropout, self.num_groups, self.use_scale_shift_norm, resample)
 
     def _attn(self, ch: int) -> AttentionBlock:
         """An attention block for ``ch`` channels."""

@@ -33,9 +33,7 @@ class IndexedGenerator:
         """``(len(seeds), *shape[1:])`` standard normal noise; ``shape[0]`` must equal the seed count."""
         if shape[0] != len(self.generators):
             raise ValueError(f"batch of {shape[0]} does not match {len(self.generators)} per-example seeds")
-        return torch.stack(
-            [torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in self.generators]
-        )
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in self.generators])
 
 
 Generator = torch.Generator | IndexedGenerator | None

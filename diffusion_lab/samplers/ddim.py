@@ -21,9 +21,7 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def __init__(
-        self, steps: int = 50, grid: str = "uniform", clip_x0: float | None = None, eta: float = 0.0
-    ) -> None:
+    def __init__(self, steps: int = 50, grid: str = "uniform", clip_x0: float | None = None, eta: float = 0.0) -> None:
         super().__init__(steps, grid, clip_x0)
         if eta < 0:
             raise ValueError(f"sampler.eta must be >= 0, got {eta}")

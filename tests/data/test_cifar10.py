@@ -190,9 +190,7 @@ def test_failed_download_gives_helpful_error_and_bounded_timeout(
     assert socket.getdefaulttimeout() == before
 
 
-def test_download_skipped_when_files_present(
-    fake_cifar: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_download_skipped_when_files_present(fake_cifar: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("should not download")
 

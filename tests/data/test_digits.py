@@ -75,9 +75,7 @@ def test_upsample_is_nearest_blocks() -> None:
         torch.testing.assert_close(F.avg_pool2d(up, k), native)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "arg"), [({"resolution": 12}, "resolution"), ({"resize": "crop"}, "resize")]
-)
+@pytest.mark.parametrize(("kwargs", "arg"), [({"resolution": 12}, "resolution"), ({"resize": "crop"}, "resize")])
 def test_invalid_options_name_argument_and_choices(kwargs: dict[str, Any], arg: str) -> None:
     with pytest.raises(ValueError, match=arg) as info:
         make(**kwargs)
@@ -157,9 +155,10 @@ def test_flip_option_mirrors_some_training_images() -> None:
 def test_render_grid() -> None:
     dm = make(resolution=16)
     samples = dm.val_tensor()[:16]
-    image = dm.render(samples)
-    assert image.dtype == np.uint8 and image.shape == (4 * 18 + 2, 4 * 18 + 2, 3)
-    tile = image[2:18, 2:18, 0]  # first image, without padding
+    image = dm.render(samples)  # 16×16 images are shown enlarged ×2 (nearest) to at least 32 px
+    assert image.dtype == np.uint8 and image.shape == (4 * 34 + 2, 4 * 34 + 2, 3)
+    tile = image[2:34:2, 2:34:2, 0]  # first image, without padding, every other pixel
     expected = ((samples[0, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
     assert np.array_equal(tile, expected)
+    assert np.array_equal(image[2:34:2, 2:34:2, 0], image[3:34:2, 3:34:2, 0])
     assert np.array_equal(image[..., 0], image[..., 2])  # grey images -> equal channels

@@ -18,8 +18,11 @@ from diffusion_lab.diffusion.analytic import GaussianMixture, OracleNetwork
 
 PARAMS = [EpsParameterization(), X0Parameterization(), VParameterization()]
 D = 4
-GAUSS = GaussianMixture(torch.ones(1, dtype=torch.float64), torch.full((1, D), 0.5, dtype=torch.float64),
-                        torch.tensor([0.7], dtype=torch.float64))
+GAUSS = GaussianMixture(
+    torch.ones(1, dtype=torch.float64),
+    torch.full((1, D), 0.5, dtype=torch.float64),
+    torch.tensor([0.7], dtype=torch.float64),
+)
 
 
 def exact_expected_loss(schedule, weighting):

@@ -64,8 +64,11 @@ def test_derivatives_match_finite_differences(cls):
     t = (torch.randint(10, 990, (50,)).double() + 0.5) / 1000
     h = 1e-6
     d = s.derivatives(t)
-    for name, fn in [("d_alpha", lambda u: s.alpha_sigma(u)[0]), ("d_sigma", lambda u: s.alpha_sigma(u)[1]),
-                     ("d_log_snr", s.log_snr)]:
+    for name, fn in [
+        ("d_alpha", lambda u: s.alpha_sigma(u)[0]),
+        ("d_sigma", lambda u: s.alpha_sigma(u)[1]),
+        ("d_log_snr", s.log_snr),
+    ]:
         fd = (fn(t + h) - fn(t - h)) / (2 * h)
         torch.testing.assert_close(getattr(d, name).double(), fd, rtol=1e-3, atol=1e-4)
     assert bool((d.d_log_snr < 0).all())

@@ -50,9 +50,7 @@ def test_fourier_features_shape_range_and_buffer() -> None:
     # sin² + cos² = 1 for every frequency.
     assert torch.allclose(out[:, :8] ** 2 + out[:, 8:] ** 2, torch.ones(5, 8), atol=1e-5)
     assert "freqs" in ff.state_dict() and not list(ff.parameters())
-    assert torch.allclose(
-        out[:, 0], torch.sin(2 * math.pi * torch.linspace(-1, 1, 5) * ff.freqs[0]), atol=1e-5
-    )
+    assert torch.allclose(out[:, 0], torch.sin(2 * math.pi * torch.linspace(-1, 1, 5) * ff.freqs[0]), atol=1e-5)
 
 
 def test_condition_embedding_null_label_is_default_for_missing_y() -> None:

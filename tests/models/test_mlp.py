@@ -43,9 +43,7 @@ def test_gradients_reach_every_parameter_after_perturbing_output_layer() -> None
     torch.manual_seed(0)
     model = MLP(num_classes=3, hidden=32, time_embed_dim=16)
     _perturb_output_layer(model)
-    model(
-        torch.randn(6, 2), torch.rand(6) * 1000, torch.tensor([0, 1, 2, 3, 0, 1])
-    ).square().mean().backward()
+    model(torch.randn(6, 2), torch.rand(6) * 1000, torch.tensor([0, 1, 2, 3, 0, 1])).square().mean().backward()
     dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead
 

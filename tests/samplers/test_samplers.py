@@ -3,16 +3,26 @@
 import pytest
 import torch
 
-from diffusion_lab.diffusion import CosineSchedule, Denoiser, EpsParameterization, LinearSchedule, VParameterization
+from diffusion_lab.diffusion import (
+    CosineSchedule,
+    Denoiser,
+    EpsParameterization,
+    LinearSchedule,
+    VParameterization,
+)
 from diffusion_lab.diffusion.analytic import GaussianMixture, OracleNetwork
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler, time_grid
 from diffusion_lab.samplers.base import IndexedGenerator, posterior_coefficients
 
 F64 = torch.float64
-GAUSS = GaussianMixture(torch.ones(1, dtype=F64), torch.tensor([[1.0, -0.5]], dtype=F64),
-                        torch.tensor([0.5], dtype=F64))
-GMM = GaussianMixture(torch.tensor([0.3, 0.7], dtype=F64), torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=F64),
-                      torch.tensor([0.3, 0.3], dtype=F64))
+GAUSS = GaussianMixture(
+    torch.ones(1, dtype=F64), torch.tensor([[1.0, -0.5]], dtype=F64), torch.tensor([0.5], dtype=F64)
+)
+GMM = GaussianMixture(
+    torch.tensor([0.3, 0.7], dtype=F64),
+    torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=F64),
+    torch.tensor([0.3, 0.3], dtype=F64),
+)
 
 
 def oracle(mixture, schedule=None, param=None):
@@ -72,7 +82,10 @@ def test_ddim_matches_its_closed_form_linear_map_on_gaussian_data(steps):
         # x̂0 = g x + (1 − g α_s) μ;  ε̂ = (x − α_s x̂0)/σ_s;  x_r = α_r x̂0 + σ_r ε̂
         dx0 = g
         deps = (1 - a_s * g) / s_s
-        A, b = (a_r * dx0 + s_r * deps) * A, (a_r * dx0 + s_r * deps) * b + (a_r - s_r * a_s / s_s) * (1 - g * a_s) * mu
+        A, b = (
+            (a_r * dx0 + s_r * deps) * A,
+            (a_r * dx0 + s_r * deps) * b + (a_r - s_r * a_s / s_s) * (1 - g * a_s) * mu,
+        )
     x_T = torch.stack([torch.zeros(2), torch.ones(2)])
     out = DDIMSampler(steps=steps).sample(oracle(GAUSS), x_T).x0.double()
     torch.testing.assert_close(out[0], b, atol=2e-4, rtol=0)

@@ -1,0 +1,175 @@
+"""End to end: train on the real configs, write checkpoint + metrics + grid, sample from the checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from diffusion_lab.config import register_configs
+from diffusion_lab.module import load_checkpoint, load_module
+from diffusion_lab.train import CONFIG_DIR, train
+
+register_configs()
+TINY_TOY = [
+    "experiment=toy2d",
+    "model.hidden=32",
+    "model.num_layers=2",
+    "dataset.num_train=2048",
+    "dataset.num_val=256",
+]
+TINY_DIGITS = ["model.base_channels=16", "model.num_groups=4", "dataset.batch_size=16"]
+
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def run_cli(module, args, cwd=None, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize("overrides", [TINY_TOY, TINY_DIGITS], ids=["toy2d", "digits"])
+def test_fast_dev_run(tmp_path, overrides):
+    metrics = train(compose_train([*overrides, "debug=fdr"]), tmp_path)
+    assert metrics["train/steps"] == 1 and np.isfinite(metrics["train/loss"])
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("toy_run")
+    cfg = compose_train([*TINY_TOY, "debug=default", "trainer.max_steps=6"])
+    metrics = train(cfg, run_dir)
+    return run_dir, metrics
+
+
+def test_run_writes_checkpoint_metrics_and_grid(toy_run):
+    run_dir, _ = toy_run
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["train/steps"] == 6 and np.isfinite(saved["train/loss"])
+    assert any(k.startswith("val/energy_distance@8_nfe2") for k in saved), saved.keys()
+    assert saved["protocol"]["eval_samples"] == 8 and saved["protocol"]["weights"] == "EMA"
+    assert (run_dir / "samples_ema.png").is_file()
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert any(k.startswith("ema.module.net.") for k in ckpt["state_dict"])
+    assert ckpt["diffusion_lab_config"]["parameterization"]["_target_"].endswith("EpsParameterization")
+
+
+def test_checkpoint_round_trip_reproduces_ema_samples(toy_run):
+    run_dir, _ = toy_run
+    module = load_module(run_dir / "checkpoints" / "last.ckpt")
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    ema = {k[len("ema.module.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.module.")}
+    for name, value in module.ema_denoiser().state_dict().items():
+        torch.testing.assert_close(value, ema[name])
+    # EMA and raw weights differ after training, and sampling uses the EMA copy by default.
+    raw = module.generate(range(4), use_ema=False).x0
+    assert not torch.allclose(module.generate(range(4)).x0, raw)
+
+
+def test_sample_cli_from_checkpoint(toy_run, tmp_path):
+    run_dir, _ = toy_run
+    out = tmp_path / "samples"
+    proc = run_cli(
+        "diffusion_lab.sample",
+        [
+            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+            "sampler=ddpm",
+            "sampler.steps=7",
+            "num_samples=10",
+            "batch_size=4",
+            f"out_dir={out}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NFE: 7" in proc.stdout and "samples/s" in proc.stdout
+    data = np.load(out / "samples.npz")
+    assert data["x0"].shape == (10, 2) and int(data["nfe"]) == 7
+    assert (out / "grid.png").is_file()
+
+
+def test_sample_cli_missing_checkpoint_is_a_clear_error(tmp_path):
+    proc = run_cli("diffusion_lab.sample", [f"ckpt_path={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode != 0 and "checkpoint not found" in proc.stderr
+
+
+def test_checkpoint_loading_refuses_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"diffusion_lab_config": {}, "payload": Evil()}, path)
+    with pytest.raises(Exception, match=r"[Ww]eights only load failed|Unsupported"):
+        load_checkpoint(path)
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    metrics = train(compose_train([*TINY_TOY, "debug=default", "precision=bf16-mixed"]), tmp_path)
+    assert np.isfinite(metrics["train/loss"])
+
+
+def test_wandb_offline_run_and_csv_metrics(tmp_path):
+    overrides = [
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+        "eval.num_samples=0",
+        "callbacks.grid_samples=0",
+        "logger.wandb.mode=offline",
+    ]
+    train(compose_train([*TINY_TOY, *overrides]), tmp_path)
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B offline run directory missing"
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    assert "train/loss" in rows[0]
+
+
+def test_cifar10_preset_fails_cleanly_without_data(tmp_path):
+    proc = run_cli(
+        "diffusion_lab.train",
+        [
+            "experiment=ddpm_cifar10",
+            "trainer=cpu",
+            f"dataset.root={tmp_path / 'c'}",
+            "logger.wandb=null",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+    )
+    assert proc.returncode != 0
+    assert "dataset.root" in proc.stderr and "dataset.download=true" in proc.stderr
+    assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """Lightning DDP (gloo) with 2 CPU processes: one run directory, one checkpoint, ranks in sync."""
+    run_dir = tmp_path / "ddp"
+    proc = run_cli(
+        "diffusion_lab.train",
+        [
+            *TINY_TOY,
+            "debug=default",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            f"hydra.run.dir={run_dir}",
+        ],
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train/steps"] == 5
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"], "one output directory per job, not per rank"
