@@ -9,7 +9,6 @@ directory and prints the NFE and samples/s. The sampler defaults to the one stor
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +18,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from diffusion_lab.callbacks.sample_grid import save_png
+from diffusion_lab.callbacks import generate_in_batches, save_png
 from diffusion_lab.config import register_configs
-from diffusion_lab.module import DiffusionModule, load_module
-from diffusion_lab.samplers import Sampler
+from diffusion_lab.module import load_module
 from diffusion_lab.train import CONFIG_DIR
-
-
-def sample_checkpoint(
-    module: DiffusionModule, sampler: Sampler, num_samples: int, batch_size: int, seed: int, use_ema: bool
-) -> tuple[torch.Tensor, int, float]:
-    """``num_samples`` samples (index-seeded), the NFE per sample and samples/s."""
-    chunks, nfe = [], 0
-    start = time.perf_counter()
-    for lo in tqdm(range(0, num_samples, batch_size), desc=f"sampling ({sampler.name})"):
-        idx = range(lo, min(lo + batch_size, num_samples))
-        out = module.generate(idx, seed=seed, sampler=sampler, use_ema=use_ema, progress=True)
-        chunks.append(out.x0.cpu())
-        nfe = out.nfe
-    return torch.cat(chunks), nfe, num_samples / max(time.perf_counter() - start, 1e-9)
 
 
 def render(run_config: dict[str, Any], samples: torch.Tensor) -> np.ndarray:
@@ -53,7 +36,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     module = load_module(cfg.ckpt_path, map_location=cfg.device)
     assert module.config is not None
     sampler = instantiate(cfg.sampler) if cfg.sampler is not None else module.sampler
-    samples, nfe, rate = sample_checkpoint(module, sampler, cfg.num_samples, cfg.batch_size, cfg.seed, cfg.use_ema)
+    samples, nfe, rate = generate_in_batches(
+        module, cfg.num_samples, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, progress=True
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(out_dir / "samples.npz", x0=samples.numpy(), nfe=nfe, seed=cfg.seed)
     if cfg.grid:

@@ -110,6 +110,12 @@ def _init_args(node: DictConfig) -> set[str]:
     return set(inspect.signature(target).parameters)
 
 
+def _extractor_id(metric: Any) -> str | None:
+    """Identifier of the metric's feature extractor (weights hash), when it has one."""
+    extractor = getattr(metric, "extractor", None)
+    return getattr(extractor, "extractor_id", None)
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one training job in ``run_dir``; returns the final metrics."""
     validate_config(cfg)
@@ -139,6 +145,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "eval_samples": cfg.eval.num_samples,
             "reference": f"{cfg.dataset._target_.rsplit('.', 1)[-1]} train split",
             "weights": "EMA",
+            "metric": cfg.metrics.get("_target_"),
+            "feature_extractor": _extractor_id(metric),
         },
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }

@@ -12,21 +12,30 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from diffusion_lab.metrics import protocol_key
 from diffusion_lab.module import DiffusionModule
+from diffusion_lab.samplers import Sampler
 
 MAX_REFERENCE = 10_000
 
 
 def generate_in_batches(
-    module: DiffusionModule, num_samples: int, batch_size: int, seed: int = 0
+    module: DiffusionModule,
+    num_samples: int,
+    batch_size: int,
+    seed: int = 0,
+    sampler: Sampler | None = None,
+    use_ema: bool = True,
+    progress: bool = False,
 ) -> tuple[Tensor, int, float]:
-    """``num_samples`` EMA samples (index-seeded), the NFE per sample and the sampling rate (samples/s)."""
+    """``num_samples`` samples (index-seeded), the NFE per sample and the sampling rate (samples/s)."""
     chunks, nfe = [], 0
     start = time.perf_counter()
-    for lo in range(0, num_samples, batch_size):
-        out = module.generate(range(lo, min(lo + batch_size, num_samples)), seed=seed)
+    for lo in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not progress):
+        idx = range(lo, min(lo + batch_size, num_samples))
+        out = module.generate(idx, seed=seed, sampler=sampler, use_ema=use_ema, progress=progress)
         chunks.append(out.x0.cpu())
         nfe = out.nfe
     elapsed = time.perf_counter() - start
