@@ -27,7 +27,9 @@ from diffusion_lab.callbacks import SampleEvaluation, SampleGrid
 from diffusion_lab.config import ConfigError, WandbMode, register_configs, validate_config
 from diffusion_lab.module import DiffusionModule, build_module
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The repository's conf/ (editable install), or the copy a wheel carries inside the package.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf")
 
 
 def wandb_mode(requested: str) -> str:
