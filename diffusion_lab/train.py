@@ -89,7 +89,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -
     )
 
 
-def write_summary(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> Path:
+def write_summary(run_dir: Path, metrics: dict[str, Any]) -> Path:
     """Write ``metrics.json`` (final metrics with protocol) atomically and return its path."""
     path = run_dir / "metrics.json"
     tmp = path.with_suffix(".json.tmp")
@@ -153,7 +153,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }
     if trainer.is_global_zero:
-        write_summary(cfg, run_dir, metrics)
+        write_summary(run_dir, metrics)
     return metrics
 
 

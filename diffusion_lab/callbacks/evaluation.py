@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffusion_lab.callbacks.sample_grid import periodic_step_due
 from diffusion_lab.metrics import protocol_key
 from diffusion_lab.module import DiffusionModule
 from diffusion_lab.samplers import Sampler
@@ -55,8 +56,7 @@ class SampleEvaluation(L.Callback):
         self.results: dict[str, float] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step < (trainer.max_steps or 0):
+        if periodic_step_due(trainer, self.every_n_steps):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -21,6 +21,12 @@ def save_png(array: np.ndarray, path: Path) -> None:
     tmp.replace(path)
 
 
+def periodic_step_due(trainer: L.Trainer, every_n_steps: int) -> bool:
+    """Whether a periodic callback fires after this optimizer step (never on the final one: ``on_train_end`` does)."""
+    step = trainer.global_step
+    return every_n_steps > 0 and step % every_n_steps == 0 and step < (trainer.max_steps or 0)
+
+
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, sample ``num_samples``
     examples with fixed per-index seeds (so grids are comparable across steps) and render them with
@@ -33,9 +39,8 @@ class SampleGrid(L.Callback):
         self.num_samples = num_samples
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step < (trainer.max_steps or 0):
-            self._draw(trainer, pl_module, self.out_dir / "samples" / f"step_{step:07d}.png")
+        if periodic_step_due(trainer, self.every_n_steps):
+            self._draw(trainer, pl_module, self.out_dir / "samples" / f"step_{trainer.global_step:07d}.png")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._draw(trainer, pl_module, self.out_dir / "samples_ema.png")

@@ -177,6 +177,11 @@ class Sampler(ABC):
         """One update ``x_s → x_r`` given float64 ``(α_s, σ_s, α_r, σ_r)``."""
 
 
+def transition_variance(alpha_s: Tensor, sigma_s: Tensor, alpha_r: Tensor, sigma_r: Tensor) -> Tensor:
+    """``σ²_{s|r} = σ_s² − (α_s/α_r)² σ_r²``, the variance of ``q(x_s | x_r)`` (the step's β), float64."""
+    return sigma_s**2 - (alpha_s / alpha_r) ** 2 * sigma_r**2
+
+
 def posterior_coefficients(
     alpha_s: Tensor, sigma_s: Tensor, alpha_r: Tensor, sigma_r: Tensor
 ) -> tuple[float, float, float]:
@@ -186,7 +191,7 @@ def posterior_coefficients(
     ``b = α_r σ²_{s|r}/σ_s²``, ``var = σ²_{s|r} σ_r²/σ_s²``. Computed in float64.
     """
     alpha_sr = alpha_s / alpha_r
-    sigma2_sr = sigma_s**2 - alpha_sr**2 * sigma_r**2
+    sigma2_sr = transition_variance(alpha_s, sigma_s, alpha_r, sigma_r)
     a = alpha_sr * sigma_r**2 / sigma_s**2
     b = alpha_r * sigma2_sr / sigma_s**2
     var = sigma2_sr * sigma_r**2 / sigma_s**2

@@ -12,6 +12,7 @@ from diffusion_lab.samplers.base import (
     Sampler,
     noise_like,
     posterior_coefficients,
+    transition_variance,
 )
 
 VARIANCES = ("small", "large")
@@ -48,5 +49,5 @@ class DDPMSampler(Sampler):
         if float(sigma_r) == 0.0:
             return mean
         if self.variance == "large":
-            var = float(sigma_s**2 - (alpha_s / alpha_r) ** 2 * sigma_r**2)
+            var = float(transition_variance(alpha_s, sigma_s, alpha_r, sigma_r))
         return mean + math.sqrt(var) * noise_like(x, generator)
