@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.parameterizations import CONTINUOUS_TIME_SCALE, Parameterization, expand_like
+from diffusion_lab.diffusion.parameterizations import CONTINUOUS_TIME_SCALE, Coefficients, Parameterization
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 
 
@@ -67,8 +67,12 @@ class GaussianMixture:
         return a2s2 / (a2s2 + sigma**2)
 
 
-def times_from_c_noise(c_noise: Tensor, schedule: NoiseSchedule) -> Tensor:
-    """Invert the default noise conditioning of :class:`Parameterization` back to ``t``."""
+def times_from_noise_conditioning(c_noise: Tensor, schedule: NoiseSchedule, param: Parameterization) -> Tensor:
+    """Invert :meth:`Parameterization.c_noise` back to ``t``."""
+    if param.noise_conditioning == "log_snr":
+        return schedule.t_from_log_snr(c_noise)
+    if param.noise_conditioning == "log_sigma":
+        return schedule.t_from_log_snr(-8.0 * c_noise)
     if schedule.num_timesteps is not None:
         return (c_noise + 1.0) / schedule.num_timesteps
     return c_noise / CONTINUOUS_TIME_SCALE
@@ -85,10 +89,10 @@ class OracleNetwork(nn.Module):
         self.mixture, self.schedule, self.parameterization = mixture, schedule, parameterization
 
     def forward(self, x: Tensor, c_noise: Tensor, y: Tensor | None = None) -> Tensor:
-        t = times_from_c_noise(c_noise.double(), self.schedule)
-        alpha, sigma = (c.to(x.dtype) for c in self.schedule.alpha_sigma(t))
-        x_t = x / expand_like(self.parameterization.c_in(alpha, sigma), x)
-        x0 = self.mixture.denoise(x_t, alpha, sigma)
-        a, s = expand_like(alpha, x), expand_like(sigma, x)
-        eps = (x_t - a * x0) / s
-        return self.parameterization.target(x0, eps, a, s)
+        param = self.parameterization
+        t = times_from_noise_conditioning(c_noise.double(), self.schedule, param).to(x.dtype)
+        c = Coefficients.at(self.schedule, t, x, derivatives=param.needs_derivatives)
+        x_t = x / param.c_in(c)
+        x0 = self.mixture.denoise(x_t, c.alpha.reshape(-1), c.sigma.reshape(-1))
+        eps = (x_t - c.alpha * x0) / c.sigma
+        return param.target(x0, eps, c)
