@@ -103,12 +103,16 @@ class CountingDenoiser:
         self.nfe = 0
 
     def __call__(self, x_t: Tensor, t: float, y: Tensor | None) -> Tensor:
+        return self.with_variance(x_t, t, y)[0]
+
+    def with_variance(self, x_t: Tensor, t: float, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(x̂0, v)``: the (clipped) prediction and the learned variance interpolation, None if not learned."""
         self.nfe += 1
         t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.float32)
-        x0_hat = self.denoiser.predict(x_t, t_batch, y)
+        x0_hat, v = self.denoiser.predict_with_variance(x_t, t_batch, y)
         if self.clip_x0 is not None:
             x0_hat = x0_hat.clamp(-self.clip_x0, self.clip_x0)
-        return x0_hat
+        return x0_hat, v
 
 
 class Sampler(ABC):

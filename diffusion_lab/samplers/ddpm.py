@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from diffusion_lab.samplers.base import (
@@ -15,11 +16,12 @@ from diffusion_lab.samplers.base import (
     transition_variance,
 )
 
-VARIANCES = ("small", "large")
+VARIANCES = ("small", "large", "learned")
 
 
 # Ho et al. 2020 Alg. 2 with σ_t² = β̃_t ("small") or β_t ("large"); on a respaced grid the step's
-# β is 1 − ᾱ_s/ᾱ_r (Nichol & Dhariwal 2021 eq. 19), i.e. σ²_{s|r} in the general form.
+# β is 1 − ᾱ_s/ᾱ_r (Nichol & Dhariwal 2021 eq. 19), i.e. σ²_{s|r} in the general form. "learned":
+# Nichol & Dhariwal 2021 eq. 15, Σ = exp(v' log β + (1 − v') log β̃) with the network's v' = (v + 1)/2.
 class DDPMSampler(Sampler):
     """Ancestral sampling: ``x_r ∼ N(μ̃(x_s, x̂0), σ²)``; no noise is added on the last step."""
 
@@ -44,10 +46,17 @@ class DDPMSampler(Sampler):
     ) -> Tensor:
         alpha_s, sigma_s, alpha_r, sigma_r = coefs
         a, b, var = posterior_coefficients(alpha_s, sigma_s, alpha_r, sigma_r)
-        x0_hat = model(x, t, y)
+        x0_hat, v = model.with_variance(x, t, y)
         mean = a * x + b * x0_hat
         if float(sigma_r) == 0.0:
             return mean
+        beta = float(transition_variance(alpha_s, sigma_s, alpha_r, sigma_r))
         if self.variance == "large":
-            var = float(transition_variance(alpha_s, sigma_s, alpha_r, sigma_r))
+            var = beta
+        elif self.variance == "learned":
+            if v is None:
+                raise ValueError("sampler.variance=learned needs a model trained with loss.learned_variance=true")
+            frac = (v + 1) / 2
+            std = torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(var)))
+            return mean + std * noise_like(x, generator)
         return mean + math.sqrt(var) * noise_like(x, generator)

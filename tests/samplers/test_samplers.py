@@ -151,3 +151,28 @@ def test_indexed_generator_makes_samples_independent_of_batching():
 
     full = run(range(8))
     torch.testing.assert_close(run(range(4, 8)), full[4:])
+
+
+class WithVariance(torch.nn.Module):
+    """The oracle's prediction plus a constant learned-variance channel block ``v``."""
+
+    def __init__(self, net, v):
+        super().__init__()
+        self.net, self.v = net, v
+
+    def forward(self, x, c_noise, y=None):
+        out = self.net(x, c_noise, y)
+        return torch.cat([out, torch.full_like(out, self.v)], dim=1)
+
+
+@pytest.mark.parametrize(("v", "fixed"), [(1.0, "large"), (-1.0, "small")])
+def test_learned_variance_endpoints_equal_the_fixed_variances(v, fixed):
+    """Nichol & Dhariwal 2021 eq. 15: v = +1 gives Σ = β, v = −1 gives Σ = β̃, sample for sample."""
+    schedule, param = LinearSchedule(), EpsParameterization()
+    learned = Denoiser(WithVariance(OracleNetwork(GAUSS, schedule, param), v), schedule, param, learned_variance=True)
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    a = DDPMSampler(steps=20, variance="learned").sample(learned, x_T, generator=torch.Generator().manual_seed(1))
+    b = DDPMSampler(steps=20, variance=fixed).sample(oracle(GAUSS), x_T, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a.x0, b.x0, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"loss\.learned_variance=true"):
+        DDPMSampler(steps=5, variance="learned").sample(oracle(GAUSS), x_T)
