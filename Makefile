@@ -30,7 +30,7 @@ test-slow: install
 	$(UV) run --frozen pytest $(PYTEST_ARGS) -m slow
 
 lint: install
-	$(UV) run --frozen ruff check diffusion_lab tests scripts benchmarks
+	$(UV) run --frozen ruff check .
 	$(UV) run --frozen mypy
 
 docker-lint: install

@@ -26,6 +26,7 @@ class LinearScheduleConfig:
     beta_end: float = 0.02
     num_timesteps: int = 1000
     discrete: bool = True
+    zero_terminal_snr: bool = False
 
 
 @dataclass
@@ -35,16 +36,75 @@ class CosineScheduleConfig:
     max_beta: float = 0.999
     num_timesteps: int = 1000
     discrete: bool = True
+    zero_terminal_snr: bool = False
+
+
+@dataclass
+class SigmoidScheduleConfig:
+    _target_: str = "diffusion_lab.diffusion.schedules.SigmoidSchedule"
+    start: float = -3.0
+    end: float = 3.0
+    tau: float = 1.0
+    clip_min: float = 1e-9
+    num_timesteps: int | None = None
+    zero_terminal_snr: bool = False
+
+
+@dataclass
+class VEScheduleConfig:
+    _target_: str = "diffusion_lab.diffusion.schedules.VESchedule"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    num_timesteps: int | None = None
+
+
+@dataclass
+class RectifiedFlowScheduleConfig:
+    _target_: str = "diffusion_lab.diffusion.schedules.RectifiedFlowSchedule"
+
+
+@dataclass
+class ShiftedScheduleConfig:
+    """``base`` is any schedule node (``schedule.base._target_=…``); the default is the cosine schedule."""
+
+    _target_: str = "diffusion_lab.diffusion.schedules.ShiftedSchedule"
+    base: Any = field(default_factory=lambda: CosineScheduleConfig(discrete=False))
+    reference_resolution: int = 64
+    resolution: int = 64
+
+
+@dataclass
+class LearnedScheduleConfig:
+    _target_: str = "diffusion_lab.diffusion.schedules.LearnedSchedule"
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    hidden: int = 1024
+
+
+class NoiseConditioning(str, Enum):
+    time = "time"  # integer timestep (discrete) or 1000·t (continuous)
+    log_snr = "log_snr"  # λ
+    log_sigma = "log_sigma"  # EDM's ¼ ln σ, σ = e^{−λ/2}
 
 
 @dataclass
 class ParameterizationConfig:
     _target_: str = MISSING
+    noise_conditioning: NoiseConditioning | None = None  # None: the parameterization's default
 
 
 @dataclass
-class EpsMSEWeightingConfig:
-    _target_: str = "diffusion_lab.diffusion.weightings.EpsMSEWeighting"
+class EDMParameterizationConfig:
+    _target_: str = "diffusion_lab.diffusion.parameterizations.EDMParameterization"
+    sigma_data: float = 0.5
+    noise_conditioning: NoiseConditioning | None = None
+
+
+@dataclass
+class WeightingConfig:
+    """A weighting without parameters (eps_mse, x0_mse, v_mse, truncated_snr, elbo)."""
+
+    _target_: str = MISSING
 
 
 @dataclass
@@ -54,9 +114,75 @@ class MinSNRWeightingConfig:
 
 
 @dataclass
+class P2WeightingConfig:
+    _target_: str = "diffusion_lab.diffusion.weightings.P2Weighting"
+    gamma: float = 1.0
+    k: float = 1.0
+
+
+@dataclass
+class EDMWeightingConfig:
+    _target_: str = "diffusion_lab.diffusion.weightings.EDMWeighting"
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_data: float = 0.5
+
+
+@dataclass
+class SigmoidWeightingConfig:
+    _target_: str = "diffusion_lab.diffusion.weightings.SigmoidWeighting"
+    bias: float = 2.0
+
+
+@dataclass
 class UniformTimeSamplerConfig:
     _target_: str = "diffusion_lab.diffusion.time_samplers.UniformTimeSampler"
     t_min: float = 1e-5
+
+
+@dataclass
+class LowDiscrepancyTimeSamplerConfig:
+    _target_: str = "diffusion_lab.diffusion.time_samplers.LowDiscrepancyTimeSampler"
+    t_min: float = 1e-5
+
+
+@dataclass
+class LogNormalTimeSamplerConfig:
+    _target_: str = "diffusion_lab.diffusion.time_samplers.LogNormalTimeSampler"
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    t_min: float = 1e-5
+    # False: the proposal is part of the objective (EDM, SD3) instead of importance-weighted to uniform t.
+    importance_weight: bool = True
+
+
+@dataclass
+class LogitNormalTimeSamplerConfig:
+    _target_: str = "diffusion_lab.diffusion.time_samplers.LogitNormalTimeSampler"
+    m: float = 0.0
+    s: float = 1.0
+    t_min: float = 1e-5
+    # False: the proposal is part of the objective (EDM, SD3) instead of importance-weighted to uniform t.
+    importance_weight: bool = True
+
+
+@dataclass
+class ImportanceTimeSamplerConfig:
+    _target_: str = "diffusion_lab.diffusion.time_samplers.ImportanceTimeSampler"
+    history: int = 10
+    num_bins: int = 100
+    uniform_prob: float = 0.001
+    t_min: float = 1e-5
+
+
+@dataclass
+class LossConfig:
+    """Objective options beyond the four axes: the learned reverse variance of improved DDPM."""
+
+    # Nichol & Dhariwal 2021 §3.1: the network also outputs v of Σ = exp(v log β + (1−v) log β̃).
+    learned_variance: bool = False
+    # λ of L_hybrid = L_simple + λ·L_vlb (Nichol & Dhariwal 2021 eq. 16).
+    vlb_weight: float = 0.001
 
 
 class Grid(str, Enum):
@@ -66,6 +192,7 @@ class Grid(str, Enum):
 class DDPMVariance(str, Enum):
     small = "small"  # β̃ (posterior variance)
     large = "large"  # β
+    learned = "learned"  # the network's interpolation (needs loss.learned_variance=true)
 
 
 @dataclass
@@ -261,6 +388,11 @@ class EvalConfig:
     num_samples: int = 1000
     batch_size: int = 500
     every_n_steps: int = 0
+    # Bits/dim of the EMA model on this many validation examples (0 turns it off): the discrete VLB
+    # (Ho et al. 2020 eq. 5) for a discrete-time schedule, the continuous ELBO (Kingma et al. 2021) otherwise.
+    bpd_examples: int = 512
+    # Diffusion terms per example: an unbiased estimate over this many sampled t (None: all T terms).
+    bpd_num_t_samples: int | None = 50
 
 
 @dataclass
@@ -279,6 +411,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     precision: str = "32"
     seed: int = 0
     name: str = "default"
@@ -298,11 +431,54 @@ class SampleConfig:
     grid: bool = True
 
 
+class LikelihoodMethod(str, Enum):
+    auto = "auto"  # discrete VLB for a discrete-time schedule, continuous ELBO otherwise
+    discrete = "discrete"
+    continuous = "continuous"
+
+
+@dataclass
+class EvaluateConfig:
+    """``dlab-evaluate``: score a checkpoint on held-out data."""
+
+    ckpt_path: str = MISSING
+    scores: list[str] = field(default_factory=lambda: ["bpd"])
+    split: str = "val"
+    num_examples: int | None = None  # None: the whole split
+    batch_size: int = 256
+    bpd_method: LikelihoodMethod = LikelihoodMethod.auto
+    num_t_samples: int | None = 50  # diffusion terms per example; None: all T terms (discrete)
+    use_ema: bool = True
+    device: str = "cpu"
+    seed: int = 0
+    out_dir: str | None = None
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
-    "schedule": {"linear": LinearScheduleConfig, "cosine": CosineScheduleConfig},
-    "parameterization": {"base": ParameterizationConfig},
-    "weighting": {"eps_mse": EpsMSEWeightingConfig, "min_snr": MinSNRWeightingConfig},
-    "time_sampler": {"uniform": UniformTimeSamplerConfig},
+    "schedule": {
+        "linear": LinearScheduleConfig,
+        "cosine": CosineScheduleConfig,
+        "sigmoid": SigmoidScheduleConfig,
+        "ve": VEScheduleConfig,
+        "rectified_flow": RectifiedFlowScheduleConfig,
+        "shifted": ShiftedScheduleConfig,
+        "learned": LearnedScheduleConfig,
+    },
+    "parameterization": {"base": ParameterizationConfig, "edm": EDMParameterizationConfig},
+    "weighting": {
+        "base": WeightingConfig,
+        "min_snr": MinSNRWeightingConfig,
+        "p2": P2WeightingConfig,
+        "edm": EDMWeightingConfig,
+        "sigmoid": SigmoidWeightingConfig,
+    },
+    "time_sampler": {
+        "uniform": UniformTimeSamplerConfig,
+        "antithetic": LowDiscrepancyTimeSamplerConfig,
+        "log_normal": LogNormalTimeSamplerConfig,
+        "logit_normal": LogitNormalTimeSamplerConfig,
+        "importance": ImportanceTimeSamplerConfig,
+    },
     "sampler": {"ddpm": DDPMSamplerConfig, "ddim": DDIMSamplerConfig},
     "model": {"unet": UNetConfig, "mlp": MLPConfig},
     "dataset": {"digits": DigitsDataConfig, "toy2d": Toy2DDataConfig, "cifar10": CIFAR10DataConfig},
@@ -321,6 +497,7 @@ def register_configs() -> None:
             cs.store(group=f"schema/{group}", name=name, node=node)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
 
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "64")
@@ -349,7 +526,48 @@ def validate_config(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_objective(cfg)
     _check_digits_metric(cfg)
+
+
+def _instantiate_axis(cfg: DictConfig, group: str) -> Any:
+    """Build one objective axis; a constructor's ValueError becomes a ConfigError naming the group."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg[group])
+    except (InstantiationException, ValueError) as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"{group}: {cause}") from err
+
+
+# Nichol & Dhariwal 2021 learn Σ per integer step; the VLB term needs the discrete posterior.
+_NEEDS_DISCRETE = "loss.learned_variance=true needs a discrete-time schedule (schedule.discrete=true / num_timesteps)"
+
+
+def _check_objective(cfg: DictConfig) -> None:
+    """Combinations of schedule × parameterization × weighting that cannot work, with the reason."""
+    schedule = _instantiate_axis(cfg, "schedule")
+    param = _instantiate_axis(cfg, "parameterization")
+    weighting = _instantiate_axis(cfg, "weighting")
+    _instantiate_axis(cfg, "time_sampler")
+    if schedule.zero_terminal_snr and not param.defined_at_zero_snr:
+        raise ConfigError(
+            f"the schedule reaches zero SNR at t = 1 (α_1 = 0), where parameterization={param.name} cannot recover "
+            "x̂0 (Lin et al. 2024 §3.2); use parameterization=x0, v, flow or edm"
+        )
+    if schedule.learnable and weighting.name != "elbo":
+        raise ConfigError(
+            f"schedule=learned is trained through the continuous ELBO (Kingma et al. 2021); use weighting=elbo, "
+            f"got weighting={weighting.name}"
+        )
+    if cfg.loss.learned_variance and not schedule.is_discrete:
+        raise ConfigError(_NEEDS_DISCRETE)
+    if cfg.loss.vlb_weight < 0:
+        raise ConfigError(f"loss.vlb_weight must be >= 0, got {cfg.loss.vlb_weight}")
+    if cfg.sampler.get("variance") == DDPMVariance.learned and not cfg.loss.learned_variance:
+        raise ConfigError("sampler.variance=learned needs loss.learned_variance=true (a model that outputs Σ)")
 
 
 # How the digits metric undoes each way the dataset reaches 16×16 or 32×32.

@@ -72,10 +72,13 @@ class DiffusionModule(L.LightningModule):
         num_classes: int | None = None,
         config: dict[str, Any] | None = None,
         log_every_n_steps: int = 25,
+        learned_variance: bool = False,
+        vlb_weight: float = 0.001,
     ) -> None:
         super().__init__()
-        self.denoiser = Denoiser(net, schedule, parameterization)
-        self.loss_fn = DiffusionLoss(weighting, time_sampler)
+        self.denoiser = Denoiser(net, schedule, parameterization, learned_variance)
+        decoder = "discretized" if len(data_shape) == 3 else "gaussian"  # 8-bit images vs. continuous data
+        self.loss_fn = DiffusionLoss(weighting, time_sampler, vlb_weight=vlb_weight, decoder=decoder)
         self.sampler = sampler
         self.data_shape = tuple(data_shape)
         self.num_classes = num_classes
@@ -95,8 +98,21 @@ class DiffusionModule(L.LightningModule):
         x0, y = batch
         out = self.loss_fn(self.denoiser, x0, y if self.num_classes else None)
         self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
+        for name, term in (("vlb", out.vlb), ("elbo_endpoints", out.endpoints)):
+            if term is not None:
+                self.log(f"train/{name}", term.detach().mean(), on_step=True, on_epoch=False, batch_size=x0.shape[0])
         self._accumulate_buckets(out.log_snr, out.per_example.detach())
+        self._update_time_sampler(out.t, out.unweighted)
         return out.loss
+
+    def _update_time_sampler(self, t: Tensor, losses: Tensor) -> None:
+        """Feed a loss-aware time sampler the per-example losses of every rank (Nichol & Dhariwal 2021 §3.3)."""
+        if type(self.loss_fn.time_sampler).update is TimeSampler.update:
+            return
+        if self.trainer.world_size > 1:
+            t = torch.as_tensor(self.all_gather(t.detach())).flatten()
+            losses = torch.as_tensor(self.all_gather(losses.detach())).flatten()
+        self.loss_fn.time_sampler.update(t.detach(), losses.detach())
 
     def _accumulate_buckets(self, log_snr: Tensor, loss: Tensor) -> None:
         edges = torch.tensor(LOG_SNR_EDGES, device=log_snr.device)
@@ -179,6 +195,10 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffusion_lab_config"] = self.config
         checkpoint["data_shape"] = list(self.data_shape)
+        checkpoint["time_sampler"] = self.loss_fn.time_sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loss_fn.time_sampler.load_state_dict(checkpoint.get("time_sampler", {}))
 
 
 def build_module(cfg: DictConfig, data_shape: Sequence[int]) -> DiffusionModule:
@@ -189,7 +209,7 @@ def build_module(cfg: DictConfig, data_shape: Sequence[int]) -> DiffusionModule:
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(container, dict)
     return DiffusionModule(
-        net=instantiate(cfg.model),
+        net=build_network(cfg.model, data_shape, cfg.loss.learned_variance),
         schedule=instantiate(cfg.schedule),
         parameterization=instantiate(cfg.parameterization),
         weighting=instantiate(cfg.weighting),
@@ -201,7 +221,17 @@ def build_module(cfg: DictConfig, data_shape: Sequence[int]) -> DiffusionModule:
         num_classes=cfg.model.get("num_classes"),
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         config={str(k): v for k, v in container.items()},
+        learned_variance=cfg.loss.learned_variance,
+        vlb_weight=cfg.loss.vlb_weight,
     )
+
+
+def build_network(model_cfg: DictConfig, data_shape: Sequence[int], learned_variance: bool) -> nn.Module:
+    """Instantiate the network; a learned reverse variance doubles its output channels (dim 1)."""
+    if not learned_variance:
+        return instantiate(model_cfg)
+    key = "out_channels" if "out_channels" in model_cfg else "out_dim"
+    return instantiate(model_cfg, **{key: 2 * int(data_shape[0])})
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -217,10 +247,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
     """Rebuild a :class:`DiffusionModule` from a checkpoint's stored config and load its weights."""
+    from diffusion_lab.config import TrainConfig
+
     ckpt = load_checkpoint(path, map_location)
-    cfg = OmegaConf.create(ckpt["diffusion_lab_config"])
+    # Defaults for keys a checkpoint from an older version does not have.
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["diffusion_lab_config"])
+    assert isinstance(cfg, DictConfig)
     module = build_module(cfg, ckpt["data_shape"])
     module.load_state_dict(ckpt["state_dict"])
+    module.on_load_checkpoint(ckpt)
     return module.to(map_location)
 
 

@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks import SampleEvaluation, SampleGrid
 from diffusion_lab.config import ConfigError, WandbMode, register_configs, validate_config
+from diffusion_lab.metrics import format_count
+from diffusion_lab.metrics.likelihood import bits_per_dim
 from diffusion_lab.module import DiffusionModule, build_module
 
 # The repository's conf/ (editable install), or the copy a wheel carries inside the package.
@@ -118,6 +120,21 @@ def _extractor_id(metric: Any) -> str | None:
     return getattr(extractor, "extractor_id", None)
 
 
+def evaluate_bpd(cfg: DictConfig, module: DiffusionModule, datamodule: Any) -> dict[str, Any]:
+    """Bits/dim of the EMA model on the first ``eval.bpd_examples`` validation examples (rank 0)."""
+    if cfg.eval.bpd_examples <= 0:
+        return {}
+    data = datamodule.val_tensor()[: cfg.eval.bpd_examples]
+    result = bits_per_dim(
+        module.ema_denoiser(), data, cfg.eval.batch_size, num_t_samples=cfg.eval.bpd_num_t_samples, seed=cfg.seed
+    )
+    return {
+        f"val/bpd@{format_count(result.num_examples)}": result.bpd,
+        f"val/bpd_sem@{format_count(result.num_examples)}": result.sem,
+        "protocol": {**result.protocol(), "split": "val", "weights": "EMA"},
+    }
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one training job in ``run_dir``; returns the final metrics."""
     validate_config(cfg)
@@ -136,12 +153,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     elapsed = time.perf_counter() - start
     steps = trainer.global_step
+    bpd = evaluate_bpd(cfg, module, datamodule) if trainer.is_global_zero else {}
     metrics: dict[str, Any] = {
         "train/loss": float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan")))),
         "train/steps": steps,
         "train/examples_per_s": steps * cfg.dataset.batch_size * trainer.world_size / max(elapsed, 1e-9),
         "train/wall_s": elapsed,
         **evaluation.results,
+        **{k: v for k, v in bpd.items() if k != "protocol"},
         "protocol": {
             "sampler": OmegaConf.to_container(cfg.sampler, resolve=True, enum_to_str=True),
             "eval_samples": cfg.eval.num_samples,
@@ -149,10 +168,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "weights": "EMA",
             "metric": cfg.metrics.get("_target_"),
             "feature_extractor": _extractor_id(metric),
+            "bpd": bpd.get("protocol"),
         },
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }
     if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in bpd.items() if k != "protocol"}, step=steps)
         write_summary(run_dir, metrics)
     return metrics
 

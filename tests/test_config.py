@@ -41,6 +41,8 @@ CONTEXT = {
     ("metrics", "toy2d"): ["experiment=toy2d"],
     ("model", "mlp"): ["experiment=toy2d"],
     ("dataset", "cifar10"): ["metrics=none"],
+    ("schedule", "rectified_flow"): ["parameterization=flow"],
+    ("schedule", "learned"): ["weighting=elbo"],
 }
 
 

@@ -62,6 +62,9 @@ def test_run_writes_checkpoint_metrics_and_grid(toy_run):
     assert saved["train/steps"] == 6 and np.isfinite(saved["train/loss"])
     assert any(k.startswith("val/energy_distance@8_nfe2") for k in saved), saved.keys()
     assert saved["protocol"]["eval_samples"] == 8 and saved["protocol"]["weights"] == "EMA"
+    # Bits/dim of the EMA model on 16 validation points, by the discrete VLB of the T = 1000 schedule.
+    assert np.isfinite(saved["val/bpd@16"]) and saved["val/bpd_sem@16"] > 0
+    assert saved["protocol"]["bpd"]["method"] == "discrete" and saved["protocol"]["bpd"]["num_examples"] == 16
     assert (run_dir / "samples_ema.png").is_file()
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert any(k.startswith("ema.module.net.") for k in ckpt["state_dict"])
@@ -100,6 +103,37 @@ def test_sample_cli_from_checkpoint(toy_run, tmp_path):
     data = np.load(out / "samples.npz")
     assert data["x0"].shape == (10, 2) and int(data["nfe"]) == 7
     assert (out / "grid.png").is_file()
+
+
+def test_evaluate_cli_prints_a_table_and_writes_json(toy_run, tmp_path):
+    run_dir, _ = toy_run
+    args = [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_examples=32", "num_t_samples=3"]
+    proc = run_cli("diffusion_lab.evaluate", [*args, f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'h'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| val/bpd@32" in proc.stdout
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    assert np.isfinite(saved["val/bpd@32"]) and saved["protocol"]["bpd"]["method"] == "discrete"
+    bad = run_cli("diffusion_lab.evaluate", [*args, "scores=[bdp]", f"hydra.run.dir={tmp_path / 'h2'}"])
+    assert bad.returncode != 0 and "valid choices: ['bpd']" in bad.stderr
+
+
+def test_importance_sampler_history_is_fed_and_checkpointed(tmp_path):
+    """The loss-aware sampler sees every step's losses, and its history resumes from the checkpoint."""
+    overrides = [
+        *TINY_TOY,
+        "debug=default",
+        "time_sampler=importance",
+        "time_sampler.num_bins=4",
+        "schedule.discrete=false",
+    ]
+    train(compose_train([*overrides, "time_sampler.history=2", "eval.num_samples=0"]), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    state = ckpt["time_sampler"]
+    assert state["counts"].tolist() == [2, 2, 2, 2]  # 5 steps × 512 examples fill every bin's history
+    module = load_module(tmp_path / "checkpoints" / "last.ckpt")
+    restored = module.loss_fn.time_sampler.state_dict()
+    torch.testing.assert_close(restored["losses"], state["losses"])
+    assert module.loss_fn.time_sampler.is_warm
 
 
 def test_sample_cli_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -1,32 +1,91 @@
 """The diffusion math: pure torch, no Lightning/Hydra/W&B imports."""
 
-from diffusion_lab.diffusion.denoiser import Denoiser
+from diffusion_lab.diffusion.denoiser import Denoiser, NetworkOutput
+from diffusion_lab.diffusion.likelihood import ELBOOutput, continuous_elbo, discrete_elbo
 from diffusion_lab.diffusion.losses import DiffusionLoss, LossOutput
 from diffusion_lab.diffusion.parameterizations import (
+    Coefficients,
+    EDMParameterization,
     EpsParameterization,
+    FlowParameterization,
     Parameterization,
+    ScoreParameterization,
     VParameterization,
     X0Parameterization,
 )
-from diffusion_lab.diffusion.schedules import CosineSchedule, LinearSchedule, NoiseSchedule, ScheduleOutput
-from diffusion_lab.diffusion.time_samplers import TimeSampler, UniformTimeSampler
-from diffusion_lab.diffusion.weightings import EpsMSEWeighting, MinSNRWeighting, Weighting
+from diffusion_lab.diffusion.schedules import (
+    CosineSchedule,
+    LearnedSchedule,
+    LinearSchedule,
+    NoiseSchedule,
+    RectifiedFlowSchedule,
+    ScheduleOutput,
+    ShiftedSchedule,
+    SigmoidSchedule,
+    VESchedule,
+)
+from diffusion_lab.diffusion.time_samplers import (
+    ImportanceTimeSampler,
+    LogitNormalTimeSampler,
+    LogNormalTimeSampler,
+    LowDiscrepancyTimeSampler,
+    TimeSampler,
+    UniformTimeSampler,
+)
+from diffusion_lab.diffusion.weightings import (
+    WEIGHTINGS,
+    EDMWeighting,
+    ELBOWeighting,
+    EpsMSEWeighting,
+    MinSNRWeighting,
+    P2Weighting,
+    SigmoidWeighting,
+    TruncatedSNRWeighting,
+    VMSEWeighting,
+    Weighting,
+    X0MSEWeighting,
+)
 
 __all__ = [
+    "WEIGHTINGS",
+    "Coefficients",
     "CosineSchedule",
     "Denoiser",
     "DiffusionLoss",
+    "EDMParameterization",
+    "EDMWeighting",
+    "ELBOOutput",
+    "ELBOWeighting",
     "EpsMSEWeighting",
     "EpsParameterization",
+    "FlowParameterization",
+    "ImportanceTimeSampler",
+    "LearnedSchedule",
     "LinearSchedule",
+    "LogNormalTimeSampler",
+    "LogitNormalTimeSampler",
     "LossOutput",
+    "LowDiscrepancyTimeSampler",
     "MinSNRWeighting",
+    "NetworkOutput",
     "NoiseSchedule",
+    "P2Weighting",
     "Parameterization",
+    "RectifiedFlowSchedule",
     "ScheduleOutput",
+    "ScoreParameterization",
+    "ShiftedSchedule",
+    "SigmoidSchedule",
+    "SigmoidWeighting",
     "TimeSampler",
+    "TruncatedSNRWeighting",
     "UniformTimeSampler",
+    "VESchedule",
+    "VMSEWeighting",
     "VParameterization",
     "Weighting",
+    "X0MSEWeighting",
     "X0Parameterization",
+    "continuous_elbo",
+    "discrete_elbo",
 ]
