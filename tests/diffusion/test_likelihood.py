@@ -495,3 +495,35 @@ def test_bits_per_dim():
     total = torch.tensor([math.log(2.0) * 3072 * 3.0, 0.0])
     out = ELBOOutput(total=total, prior=total, diffusion=total, decoder=total)
     torch.testing.assert_close(out.bits_per_dim(3072), torch.tensor([3.0, 0.0]))
+
+
+def test_learned_schedule_elbo_is_the_t_to_infinity_limit_of_the_discrete_one():
+    """VDM §3.3–5.1 on Gaussian data: for a randomly shaped learned schedule the discrete bound on its grid
+    decreases to the continuous one as T grows, and the continuous one depends only on the end points."""
+    from diffusion_lab.diffusion.schedules import LearnedSchedule
+
+    def random_schedule(seed: int) -> LearnedSchedule:
+        torch.manual_seed(seed)
+        s = LearnedSchedule(hidden=16)
+        with torch.no_grad():
+            for name, p in s.named_parameters():
+                if not name.startswith("gamma"):
+                    p.normal_(0.0, 4.0)
+        return s.double()
+
+    schedule, other = random_schedule(0), random_schedule(1)
+    t = torch.linspace(0, 1, 101, dtype=F64)
+    with torch.no_grad():
+        assert (schedule.log_snr(t) - other.log_snr(t)).abs().max() > 0.5  # different shapes
+        continuous = continuous_diffusion(schedule, 0.0)
+        assert continuous == pytest.approx(continuous_diffusion(other, 0.0), rel=1e-6)  # same end points
+        gaps = {T: expected_kl_sum(schedule, T, first=1) - continuous for T in (10, 100, 1000, 10_000)}
+    assert gaps[10] > gaps[100] > gaps[1000] > gaps[10_000] > 0
+    assert gaps[10_000] < 1e-3 * continuous
+    g = torch.Generator().manual_seed(0)
+    x0 = GAUSS.sample(10_000, g)
+    with torch.no_grad():
+        for s in (schedule, other):
+            assert_mc(continuous_elbo(oracle(s), x0, decoder="gaussian", num_t_samples=4, generator=g).diffusion, continuous)
+        out = discrete_elbo(oracle(schedule), x0, num_steps=1000, decoder="gaussian", num_t_samples=4, generator=g)
+    assert_mc(out.diffusion, continuous + gaps[1000])
