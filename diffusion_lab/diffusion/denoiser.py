@@ -83,3 +83,14 @@ class Denoiser(nn.Module):
         net_out = self.network_output(x_t, t, y)
         x0_hat, _ = self.parameterization.to_x0_eps(net_out.out, x_t.float(), net_out.coefs)
         return x0_hat, net_out.variance
+
+    @torch.no_grad()
+    def velocity(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """Probability-flow ODE drift ``dx/dt = α'·x̂0 + σ'·ε̂`` at ``t`` ``(B,)`` (Karras et al. 2022 eq. 4 in
+        ``(α, σ)`` form: ``x_t = α x̂0 + σ ε̂`` with ``x̂0, ε̂`` held fixed), float32, shape of ``x_t``."""
+        x_t = x_t.float()
+        coefs = Coefficients.at(self.schedule, t, x_t, derivatives=True)
+        x0_hat = self(x_t, t, y)
+        eps_hat = (x_t - coefs.alpha * x0_hat) / coefs.sigma
+        d_alpha, d_sigma = coefs.derivatives()
+        return d_alpha * x0_hat + d_sigma * eps_hat
