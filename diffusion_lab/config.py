@@ -9,6 +9,7 @@ entry points call right after composition, before any data is loaded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -186,7 +187,11 @@ class LossConfig:
 
 
 class Grid(str, Enum):
-    uniform = "uniform"
+    uniform = "uniform"  # uniform in t (a discrete schedule snaps to evenly respaced integer steps)
+    leading = "leading"  # diffusers' timestep_spacing="leading" (discrete schedules)
+    trailing = "trailing"  # diffusers' timestep_spacing="trailing", starts at t = 1 (discrete schedules)
+    karras = "karras"  # Karras et al. 2022 eq. 5 in σ/α (options rho, sigma_min, sigma_max)
+    log_snr = "log_snr"  # uniform in log-SNR (options sigma_min, sigma_max)
 
 
 class DDPMVariance(str, Enum):
@@ -196,21 +201,112 @@ class DDPMVariance(str, Enum):
 
 
 @dataclass
-class DDPMSamplerConfig:
-    _target_: str = "diffusion_lab.samplers.DDPMSampler"
-    steps: int = 1000
+class SamplerConfig:
+    """Fields every stepping sampler shares: ``steps`` intervals of the ``grid``; the σ-grid options
+    ``rho`` (karras), ``sigma_min``/``sigma_max`` (karras, log_snr) stay null for the grid's default."""
+
+    _target_: str = MISSING
+    steps: int = 50
     grid: Grid = Grid.uniform
     clip_x0: float | None = 1.0
+    rho: float | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+
+
+@dataclass
+class DDPMSamplerConfig(SamplerConfig):
+    _target_: str = "diffusion_lab.samplers.DDPMSampler"
+    steps: int = 1000
     variance: DDPMVariance = DDPMVariance.small
 
 
 @dataclass
-class DDIMSamplerConfig:
+class DDIMSamplerConfig(SamplerConfig):
     _target_: str = "diffusion_lab.samplers.DDIMSampler"
-    steps: int = 50
-    grid: Grid = Grid.uniform
-    clip_x0: float | None = 1.0
     eta: float = 0.0
+
+
+@dataclass
+class EulerSamplerConfig(SamplerConfig):
+    """Euler on the PF-ODE; ``s_churn > 0`` adds Karras et al. 2022 Alg. 2's churn (σ/α units)."""
+
+    _target_: str = "diffusion_lab.samplers.EulerSampler"
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+
+@dataclass
+class HeunSamplerConfig(EulerSamplerConfig):
+    _target_: str = "diffusion_lab.samplers.HeunSampler"
+
+
+@dataclass
+class EDMSamplerConfig(EulerSamplerConfig):
+    """Heun with churn on the ρ = 7 grid: Karras et al. 2022 Alg. 2 with their ImageNet-64 settings."""
+
+    _target_: str = "diffusion_lab.samplers.EDMSampler"
+    steps: int = 256
+    grid: Grid = Grid.karras
+    s_churn: float = 40.0
+    s_tmin: float = 0.05
+    s_tmax: float = 50.0
+    s_noise: float = 1.003
+
+
+class DPMSolverMethod(str, Enum):
+    multistep = "multistep"  # DPM-Solver++(2M)/(3M): one evaluation per step
+    singlestep = "singlestep"  # DPM-Solver++(2S): two evaluations per step
+
+
+@dataclass
+class DPMSolverSamplerConfig(SamplerConfig):
+    """DPM-Solver++ (Lu et al. 2022): ``order`` 1–3 multistep (2M, 3M) or 1–2 singlestep (2S)."""
+
+    _target_: str = "diffusion_lab.samplers.DPMSolverSampler"
+    steps: int = 20
+    order: int = 2
+    method: DPMSolverMethod = DPMSolverMethod.multistep
+    lower_order_final: bool = True
+
+
+class RKMethod(str, Enum):
+    RK45 = "RK45"  # Dormand–Prince 5(4)
+    RK23 = "RK23"
+    DOP853 = "DOP853"
+
+
+@dataclass
+class RK45SamplerConfig:
+    """Adaptive Runge–Kutta reference solution of the PF-ODE (scipy); NFE follows from the tolerances."""
+
+    _target_: str = "diffusion_lab.samplers.RK45Sampler"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    method: RKMethod = RKMethod.RK45
+    sigma_stop: float = 1e-4
+    clip_x0: float | None = 1.0
+
+
+@dataclass
+class EulerMaruyamaSamplerConfig(SamplerConfig):
+    """Euler–Maruyama on the reverse SDE (Song et al. 2021)."""
+
+    _target_: str = "diffusion_lab.samplers.EulerMaruyamaSampler"
+    steps: int = 1000
+
+
+@dataclass
+class PCSamplerConfig(SamplerConfig):
+    """Predictor–corrector (Song et al. 2021 Alg. 2–3): reverse-SDE predictor, Langevin corrector with
+    signal-to-noise ratio ``snr``."""
+
+    _target_: str = "diffusion_lab.samplers.PCSampler"
+    steps: int = 1000
+    snr: float = 0.16
+    corrector_steps: int = 1
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -283,6 +379,110 @@ class CIFAR10DataConfig:
     num_workers: int = 4
     seed: int = 0
     verify_md5: bool = True
+
+
+class MNISTResize(str, Enum):
+    pad = "pad"  # 2 background pixels on each side: 28 -> 32, digits pixel-exact
+    resize = "resize"  # bilinear (antialiased) 28 -> 32, rounded to 8 bits
+    none = "none"  # native 28x28
+
+
+@dataclass
+class MNISTDataConfig:
+    _target_: str = "diffusion_lab.data.MNISTDataModule"
+    root: str = "data/mnist"
+    download: bool = False
+    resize: MNISTResize = MNISTResize.pad
+    batch_size: int = 128
+    flip: bool = False
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class FashionMNISTDataConfig(MNISTDataConfig):
+    _target_: str = "diffusion_lab.data.FashionMNISTDataModule"
+    root: str = "data/fashion_mnist"
+
+
+class CelebACrop(str, Enum):
+    ddim = "ddim"  # 128x128 box centred on (x, y) = (89, 121): Song, Meng & Ermon 2021
+    center140 = "center140"  # central 140x140: Song & Ermon 2019, Song et al. 2021
+
+
+class CelebAValSplit(str, Enum):
+    valid = "valid"  # list_eval_partition.txt partition 1
+    test = "test"  # partition 2
+
+
+@dataclass
+class CelebADataConfig:
+    _target_: str = "diffusion_lab.data.CelebADataModule"
+    root: str = "data/celeba"
+    download: bool = False
+    resolution: int = 64
+    crop: CelebACrop = CelebACrop.ddim
+    val_split: CelebAValSplit = CelebAValSplit.valid
+    batch_size: int = 128
+    flip: bool = True
+    num_workers: int = 4
+    seed: int = 0
+    cache: bool = True
+
+
+@dataclass
+class ImageNetDataConfig:
+    """Downsampled ImageNet npz batches (no ``download``: image-net.org needs a login)."""
+
+    _target_: str = "diffusion_lab.data.ImageNetDataModule"
+    root: str = "data/imagenet32"
+    resolution: int = 32
+    num_train_batches: int = 10
+    batch_size: int = 128
+    flip: bool = True
+    num_workers: int = 4
+    seed: int = 0
+
+
+@dataclass
+class ImageNet64DataConfig(ImageNetDataConfig):
+    root: str = "data/imagenet64"
+    resolution: int = 64
+
+
+class FolderCrop(Enum):  # no str mixin: a member named "center" would shadow str.center
+    center = "center"
+    random = "random"  # random train crops of the stored load_size squares (needs load_size > resolution)
+
+
+@dataclass
+class ImageFolderDataConfig:
+    _target_: str = "diffusion_lab.data.ImageFolderDataModule"
+    root: str = "data/images"
+    resolution: int = 64
+    crop: FolderCrop = FolderCrop.center
+    load_size: int | None = None
+    val_root: str | None = None
+    val_fraction: float = 0.05
+    class_labels: bool = True
+    batch_size: int = 64
+    flip: bool = False
+    num_workers: int = 4
+    seed: int = 0
+
+
+@dataclass
+class ShapesDataConfig:
+    _target_: str = "diffusion_lab.data.ShapesDataModule"
+    num_train: int = 10_000
+    num_val: int = 1_000
+    resolution: int = 32
+    min_scale: float = 0.3
+    max_scale: float = 0.75
+    batch_size: int = 128
+    flip: bool = False
+    num_workers: int = 0
+    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------- metrics / logging
@@ -393,6 +593,21 @@ class EvalConfig:
     bpd_examples: int = 512
     # Diffusion terms per example: an unbiased estimate over this many sampled t (None: all T terms).
     bpd_num_t_samples: int | None = 50
+    # Classifier-free guidance scale w of the evaluation samples and grids (null: none; needs cond.enabled=true).
+    guidance_scale: float | None = None
+
+
+@dataclass
+class ConditioningConfig:
+    """Class conditioning and the label dropout of classifier-free guidance (Ho & Salimans 2022).
+
+    ``enabled``: condition the network on the dataset's labels (sets ``model.num_classes`` from the
+    dataset, which must have labels). ``p_uncond``: probability that a training label is replaced by
+    the null label, so the same network also learns the unconditional model (Ho & Salimans use 0.1–0.2).
+    """
+
+    enabled: bool = False
+    p_uncond: float = 0.1
 
 
 @dataclass
@@ -412,6 +627,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    cond: ConditioningConfig = field(default_factory=ConditioningConfig)
     precision: str = "32"
     seed: int = 0
     name: str = "default"
@@ -429,12 +645,22 @@ class SampleConfig:
     device: str = "cpu"
     out_dir: str | None = None
     grid: bool = True
+    # Classifier-free guidance scale w (null: none); needs a model trained with cond.enabled=true.
+    guidance_scale: float | None = None
+    # Labels of a class-conditional model, cycled over sample indices (null: 0, 1, …, num_classes − 1).
+    class_labels: list[int] | None = None
 
 
 class LikelihoodMethod(str, Enum):
     auto = "auto"  # discrete VLB for a discrete-time schedule, continuous ELBO otherwise
     discrete = "discrete"
     continuous = "continuous"
+    ode = "ode"  # probability-flow ODE likelihood (Song et al. 2021 App. D.2); never chosen by auto
+
+
+class HutchinsonProbe(str, Enum):
+    rademacher = "rademacher"
+    gaussian = "gaussian"
 
 
 @dataclass
@@ -448,6 +674,13 @@ class EvaluateConfig:
     batch_size: int = 256
     bpd_method: LikelihoodMethod = LikelihoodMethod.auto
     num_t_samples: int | None = 50  # diffusion terms per example; None: all T terms (discrete)
+    # bpd_method=ode: adaptive Dormand–Prince from t_eps to 1 with a Hutchinson trace estimate (metric val/bpd_ode@N).
+    ode_t_eps: float | None = None  # None: 1/T for a discrete-time schedule, 1e-5 otherwise
+    ode_rtol: float = 1e-5
+    ode_atol: float = 1e-5
+    ode_probe: HutchinsonProbe = HutchinsonProbe.rademacher
+    ode_exact_trace: bool = False  # exact divergence: D backward passes per evaluation (low-dimensional data only)
+    ode_dequantize: bool | None = None  # None: dequantise (N, C, H, W) images (8-bit bound), not vectors
     use_ema: bool = True
     device: str = "cpu"
     seed: int = 0
@@ -479,9 +712,30 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "logit_normal": LogitNormalTimeSamplerConfig,
         "importance": ImportanceTimeSamplerConfig,
     },
-    "sampler": {"ddpm": DDPMSamplerConfig, "ddim": DDIMSamplerConfig},
+    "sampler": {
+        "ddpm": DDPMSamplerConfig,
+        "ddim": DDIMSamplerConfig,
+        "euler": EulerSamplerConfig,
+        "heun": HeunSamplerConfig,
+        "edm": EDMSamplerConfig,
+        "dpm_solver": DPMSolverSamplerConfig,
+        "rk45": RK45SamplerConfig,
+        "euler_maruyama": EulerMaruyamaSamplerConfig,
+        "pc": PCSamplerConfig,
+    },
     "model": {"unet": UNetConfig, "mlp": MLPConfig},
-    "dataset": {"digits": DigitsDataConfig, "toy2d": Toy2DDataConfig, "cifar10": CIFAR10DataConfig},
+    "dataset": {
+        "digits": DigitsDataConfig,
+        "toy2d": Toy2DDataConfig,
+        "cifar10": CIFAR10DataConfig,
+        "mnist": MNISTDataConfig,
+        "fashion_mnist": FashionMNISTDataConfig,
+        "celeba": CelebADataConfig,
+        "imagenet32": ImageNetDataConfig,
+        "imagenet64": ImageNet64DataConfig,
+        "image_folder": ImageFolderDataConfig,
+        "shapes": ShapesDataConfig,
+    },
     "metrics": {"none": NoMetricConfig, "toy2d": Toy2DMetricConfig, "digits_fd": DigitsFDMetricConfig},
 }
 
@@ -521,13 +775,14 @@ def validate_config(cfg: DictConfig) -> None:
         (cfg.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}"),
         (cfg.eval.num_samples >= 0, f"eval.num_samples must be >= 0, got {cfg.eval.num_samples}"),
         (cfg.dataset.batch_size > 0, f"dataset.batch_size must be > 0, got {cfg.dataset.batch_size}"),
-        (cfg.sampler.steps > 0, f"sampler.steps must be > 0, got {cfg.sampler.steps}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     _check_objective(cfg)
     _check_digits_metric(cfg)
+    _instantiate_axis(cfg, "dataset")  # the datamodule's own checks (it is built, not set up: no data is loaded)
+    _check_conditioning(cfg)
 
 
 def _instantiate_axis(cfg: DictConfig, group: str) -> Any:
@@ -568,6 +823,15 @@ def _check_objective(cfg: DictConfig) -> None:
         raise ConfigError(f"loss.vlb_weight must be >= 0, got {cfg.loss.vlb_weight}")
     if cfg.sampler.get("variance") == DDPMVariance.learned and not cfg.loss.learned_variance:
         raise ConfigError("sampler.variance=learned needs loss.learned_variance=true (a model that outputs Σ)")
+    check_sampler(_instantiate_axis(cfg, "sampler"), schedule)
+
+
+def check_sampler(sampler: Any, schedule: Any) -> None:
+    """The sampler's time grid must exist on the schedule (e.g. ``leading``/``trailing`` need a discrete one)."""
+    try:
+        sampler.time_grid(schedule)
+    except ValueError as err:
+        raise ConfigError(f"sampler: {err}") from err
 
 
 # How the digits metric undoes each way the dataset reaches 16×16 or 32×32.
@@ -587,3 +851,72 @@ def _check_digits_metric(cfg: DictConfig) -> None:
             f"dataset.resize={cfg.dataset.resize} needs metrics.resize={expected} "
             f"(valid pairs: {DIGITS_METRIC_RESIZE}), got metrics.resize={cfg.metrics.resize}"
         )
+
+
+def dataset_num_classes(dataset_cfg: DictConfig) -> int | None:
+    """The label count of the configured datamodule (built, not set up: no data is loaded)."""
+    from hydra.utils import instantiate
+
+    return instantiate(dataset_cfg).num_classes
+
+
+def check_guidance(key: str, scale: float | None, num_classes: int | None, p_uncond: float) -> None:
+    """A guidance scale ``scale`` (set at ``key``) must be >= 0 and meet a conditional model with p_uncond > 0."""
+    if scale is None:
+        return
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ConfigError(
+            f"{key}={scale} is invalid; valid values: null (no guidance) or a number >= 0 "
+            "(0: unconditional, 1: conditional, > 1: guided)"
+        )
+    if num_classes is None:
+        raise ConfigError(
+            f"{key}={scale} needs a class-conditional model (trained with cond.enabled=true); "
+            f"this model is unconditional, so the valid value is {key}=null"
+        )
+    if p_uncond <= 0:
+        raise ConfigError(
+            f"{key}={scale} needs the unconditional branch, but cond.p_uncond=0 never trained the null label; "
+            f"train with cond.p_uncond in (0, 1] or set {key}=null"
+        )
+
+
+def _check_conditioning(cfg: DictConfig) -> None:
+    """Label dropout is a probability; a conditional model needs a labelled dataset; guidance needs both."""
+    p_uncond, model_classes = cfg.cond.p_uncond, cfg.model.get("num_classes")
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ConfigError(f"cond.p_uncond must be a probability in [0, 1], got {p_uncond}")
+    if not cfg.cond.enabled:
+        if model_classes is not None:
+            raise ConfigError(
+                f"model.num_classes={model_classes} without cond.enabled=true; set cond.enabled=true (which fills "
+                "model.num_classes from the dataset) or model.num_classes=null"
+            )
+        check_guidance("eval.guidance_scale", cfg.eval.guidance_scale, None, p_uncond)
+        return
+    data_classes = _instantiate_axis(cfg, "dataset").num_classes  # built, not set up: no data is loaded
+    if data_classes is None:
+        raise ConfigError(
+            f"cond.enabled=true needs a dataset with class labels, but dataset={cfg.dataset._target_} has none; "
+            f"valid: cond.enabled=false, or a labelled dataset ({', '.join(_labelled_datasets())})"
+        )
+    if model_classes is not None and model_classes != data_classes:
+        raise ConfigError(
+            f"model.num_classes={model_classes} but the dataset has {data_classes} classes; "
+            "leave model.num_classes=null (cond.enabled=true fills it)"
+        )
+    check_guidance("eval.guidance_scale", cfg.eval.guidance_scale, data_classes, p_uncond)
+
+
+def _labelled_datasets() -> list[str]:
+    """``dataset=`` options whose datamodule has class labels (for error messages)."""
+    from omegaconf import OmegaConf
+
+    names = []
+    for name, schema in SCHEMAS["dataset"].items():
+        try:
+            if dataset_num_classes(OmegaConf.structured(schema)) is not None:
+                names.append(f"dataset={name}")
+        except Exception:  # an option that needs arguments to build is left out of the hint
+            continue
+    return names

@@ -5,12 +5,16 @@ parameterization); an EMA copy of the whole denoiser is kept in fp32 beside it, 
 checkpoint under ``ema.*`` and used for sampling. Training always continues on the raw weights.
 The checkpoint also stores the resolved config (plain containers), so :func:`load_module` rebuilds the
 model without pickled objects and loads it with ``torch.load(weights_only=True)``.
+
+A class-conditional model (``cond.enabled=true``) is trained with label dropout (``cond.p_uncond``) so
+that it can be sampled with classifier-free guidance (:mod:`diffusion_lab.diffusion.guidance`).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +33,37 @@ from diffusion_lab.diffusion import (
     TimeSampler,
     Weighting,
 )
+from diffusion_lab.diffusion.guidance import GuidedDenoiser, drop_labels
 from diffusion_lab.samplers import SampleOutput, Sampler
 from diffusion_lab.samplers.base import IndexedGenerator
 
 # Log-SNR bucket edges for the loss-vs-λ curve (Kingma & Gao 2023 plot the loss against λ).
 LOG_SNR_EDGES = (-10.0, -5.0, -2.5, 0.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class Generation(SampleOutput):
+    """Samples ``x0 (B, ...)`` with their sampling protocol.
+
+    ``nfe``: denoiser calls per sample trajectory (what the sampler's step count implies, and what
+    metric keys carry as ``_nfe<N>``); ``y``: the ``(B,)`` labels sampled from, or None for an
+    unconditional model; ``guidance_scale``: the classifier-free guidance scale, or None when unguided.
+    A guided denoiser call is one batched network call on ``2B`` inputs, so :attr:`network_evals`
+    (per sample) is ``2·nfe`` under guidance and ``nfe`` otherwise.
+    """
+
+    y: Tensor | None = None
+    guidance_scale: float | None = None
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance was applied."""
+        return self.guidance_scale is not None
+
+    @property
+    def network_evals(self) -> int:
+        """Network evaluations per sample: ``nfe`` times 2 under guidance (conditional + unconditional)."""
+        return self.nfe * (GuidedDenoiser.network_evals_per_call if self.guided else 1)
 
 
 def log_snr_bucket_names(edges: Sequence[float] = LOG_SNR_EDGES) -> list[str]:
@@ -52,6 +82,8 @@ class DiffusionModule(L.LightningModule):
         data_shape: shape of one example, e.g. ``(1, 16, 16)`` or ``(2,)``.
         optim: ``lr, betas, eps, weight_decay, warmup_steps``.
         ema: ``decay, start_step``.
+        num_classes: label count of a class-conditional network (None: unconditional).
+        p_uncond: label-dropout probability of a conditional model (Ho & Salimans 2022 Alg. 1).
         config: the resolved run config, stored in checkpoints.
     """
 
@@ -74,6 +106,7 @@ class DiffusionModule(L.LightningModule):
         log_every_n_steps: int = 25,
         learned_variance: bool = False,
         vlb_weight: float = 0.001,
+        p_uncond: float = 0.0,
     ) -> None:
         super().__init__()
         self.denoiser = Denoiser(net, schedule, parameterization, learned_variance)
@@ -81,7 +114,7 @@ class DiffusionModule(L.LightningModule):
         self.loss_fn = DiffusionLoss(weighting, time_sampler, vlb_weight=vlb_weight, decoder=decoder)
         self.sampler = sampler
         self.data_shape = tuple(data_shape)
-        self.num_classes = num_classes
+        self.num_classes, self.p_uncond = num_classes, p_uncond
         self.optim_cfg, self.ema_cfg = dict(optim), dict(ema)
         self.config = config
         self.log_every_n_steps = log_every_n_steps
@@ -96,7 +129,7 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
-        out = self.loss_fn(self.denoiser, x0, y if self.num_classes else None)
+        out = self.loss_fn(self.denoiser, x0, self.training_labels(y))
         self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         for name, term in (("vlb", out.vlb), ("elbo_endpoints", out.endpoints)):
             if term is not None:
@@ -104,6 +137,13 @@ class DiffusionModule(L.LightningModule):
         self._accumulate_buckets(out.log_snr, out.per_example.detach())
         self._update_time_sampler(out.t, out.unweighted)
         return out.loss
+
+    def training_labels(self, y: Tensor) -> Tensor | None:
+        """Labels the network trains on: None if unconditional, else ``y (B,)`` with each label replaced by
+        the null label with probability ``p_uncond`` (drawn from the global RNG that ``seed_everything`` seeds)."""
+        if self.num_classes is None:
+            return None
+        return drop_labels(y, self.p_uncond, null_label=self.num_classes)
 
     def _update_time_sampler(self, t: Tensor, losses: Tensor) -> None:
         """Feed a loss-aware time sampler the per-example losses of every rank (Nichol & Dhariwal 2021 §3.3)."""
@@ -144,7 +184,8 @@ class DiffusionModule(L.LightningModule):
         x0, y = batch
         # A fixed generator per batch makes the validation loss comparable across evaluations.
         gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
-        out = self.loss_fn(self.ema_denoiser(), x0, y if self.num_classes else None, generator=gen)
+        # Conditional models are validated on their labels (no dropout): the loss of p(x | y).
+        out = self.loss_fn(self.ema_denoiser(), x0, y if self.num_classes is not None else None, generator=gen)
         self.log("val/loss_ema", out.loss, on_epoch=True, sync_dist=True, batch_size=x0.shape[0])
 
     def configure_optimizers(self) -> Any:
@@ -174,22 +215,49 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
         sampler: Sampler | None = None,
         use_ema: bool = True,
-        y: Tensor | None = None,
         progress: bool = False,
-    ) -> SampleOutput:
+        *,
+        class_labels: Sequence[int] | None = None,
+        guidance_scale: float | None = None,
+    ) -> Generation:
         """Sample one example per index; example ``i`` depends only on ``(seed, i)`` (EDM's pattern).
 
-        Returns samples ``(len(indices), *data_shape)`` and the sampler's NFE.
+        A class-conditional model samples example ``i`` from label ``class_labels[i % len(class_labels)]``
+        (default ``0, 1, …, num_classes − 1``: every class equally often; label ``num_classes`` is the null
+        label, i.e. the unconditional model). ``guidance_scale`` w wraps the denoiser in a
+        :class:`GuidedDenoiser` (classifier-free guidance), which works with every sampler.
+
+        Returns samples ``(len(indices), *data_shape)``, their labels, NFE and guidance (:class:`Generation`).
         """
         sampler = sampler or self.sampler
-        denoiser = self.ema_denoiser() if use_ema else self.denoiser
-        was_training = denoiser.training
+        base = self.ema_denoiser() if use_ema else self.denoiser
+        y = self.sample_labels(indices, class_labels)
+        denoiser = base if guidance_scale is None else GuidedDenoiser(base, guidance_scale, self.num_classes)
+        was_training = base.training
+        base.eval()
         denoiser.eval()
         gen = IndexedGenerator([seed * 1_000_003 + int(i) for i in indices], device=self.device)
         x_T = sampler.prior((len(indices), *self.data_shape), denoiser.schedule, gen, self.device)
         out = sampler.sample(denoiser, x_T, y=y, generator=gen, progress=progress)
-        denoiser.train(was_training)
-        return out
+        base.train(was_training)
+        return Generation(out.x0, out.nfe, y=y, guidance_scale=guidance_scale)
+
+    def sample_labels(self, indices: Sequence[int], class_labels: Sequence[int] | None = None) -> Tensor | None:
+        """Labels ``(len(indices),)`` long for sample indices, cycling over ``class_labels`` (default all classes).
+
+        None for an unconditional model (which refuses ``class_labels``).
+        """
+        if self.num_classes is None:
+            if class_labels is not None:
+                raise ValueError(f"class_labels={list(class_labels)} given, but this model is unconditional")
+            return None
+        labels = list(range(self.num_classes)) if class_labels is None else [int(c) for c in class_labels]
+        if not labels or not all(0 <= c <= self.num_classes for c in labels):
+            raise ValueError(
+                f"class_labels must be a non-empty list of labels in 0..{self.num_classes - 1} "
+                f"(or {self.num_classes}, the null label), got {labels}"
+            )
+        return torch.tensor([labels[int(i) % len(labels)] for i in indices], dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -204,7 +272,8 @@ class DiffusionModule(L.LightningModule):
 def build_module(cfg: DictConfig, data_shape: Sequence[int]) -> DiffusionModule:
     """Instantiate every axis of ``cfg`` into a :class:`DiffusionModule`.
 
-    The model is class-conditional exactly when ``cfg.model.num_classes`` is set.
+    The model is class-conditional exactly when ``cfg.model.num_classes`` is set (``cond.enabled=true``
+    fills it from the dataset, see :func:`set_num_classes`); it then trains with label dropout ``cond.p_uncond``.
     """
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(container, dict)
@@ -223,7 +292,18 @@ def build_module(cfg: DictConfig, data_shape: Sequence[int]) -> DiffusionModule:
         config={str(k): v for k, v in container.items()},
         learned_variance=cfg.loss.learned_variance,
         vlb_weight=cfg.loss.vlb_weight,
+        p_uncond=cfg.cond.p_uncond,
     )
+
+
+def set_num_classes(cfg: DictConfig, dataset_num_classes: int | None) -> None:
+    """``cond.enabled=true``: condition the network on the dataset's labels (``model.num_classes`` := the
+    dataset's label count, recorded in the checkpoint's config). A no-op for an unconditional run."""
+    if not cfg.cond.enabled:
+        return
+    if dataset_num_classes is None:
+        raise ValueError("cond.enabled=true needs a dataset with class labels")
+    cfg.model.num_classes = int(dataset_num_classes)
 
 
 def build_network(model_cfg: DictConfig, data_shape: Sequence[int], learned_variance: bool) -> nn.Module:

@@ -1,9 +1,14 @@
 """dlab-sample: draw samples from a checkpoint with any configured sampler.
 
     dlab-sample ckpt_path=outputs/digits/<run>/checkpoints/last.ckpt sampler=ddim sampler.steps=50 num_samples=64
+    dlab-sample ckpt_path=… guidance_scale=3 class_labels=[3,7]   # classifier-free guidance, a conditional model
 
-Writes ``samples.npz`` (``x0``: the samples, ``nfe``, ``seed``) and ``grid.png`` in the output
-directory and prints the NFE and samples/s. The sampler defaults to the one stored with the run.
+Writes ``samples.npz`` and ``grid.png`` in the output directory and prints the NFE and samples/s.
+``samples.npz`` holds ``x0`` (the samples), ``y`` (their labels; only for a conditional model), ``nfe``
+(denoiser calls per sample), ``network_evals`` (network evaluations per sample: ``2·nfe`` under guidance,
+whose calls each run the conditional and unconditional branch in one batch), ``guided``,
+``guidance_scale`` (NaN when unguided) and ``seed``. The sampler defaults to the one stored with the run.
+A conditional model samples labels cycling over ``class_labels`` (default: all classes).
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.callbacks import generate_in_batches, save_png
-from diffusion_lab.config import register_configs
+from diffusion_lab.callbacks import generate_in_batches, sampling_protocol, save_png
+from diffusion_lab.config import ConfigError, check_guidance, check_sampler, register_configs
 from diffusion_lab.module import load_module
 from diffusion_lab.train import CONFIG_DIR
 
@@ -31,20 +36,48 @@ def render(run_config: dict[str, Any], samples: torch.Tensor) -> np.ndarray:
     return datamodule.render(samples)
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Sample from ``cfg.ckpt_path`` into ``out_dir``; returns a summary dict."""
+def build_sampler(cfg: DictConfig, module: Any, overrides: list[str]) -> Any:
+    """The requested sampler (or the run's), checked against the checkpoint's schedule.
+
+    A sampler chosen here keeps the run's ``clip_x0`` (a property of the data's range: [−1, 1] images or
+    unbounded vectors) unless ``sampler.clip_x0`` is itself among the command-line ``overrides``.
+    """
+    if cfg.sampler is None:
+        return module.sampler
+    sampler_cfg = cfg.sampler.copy()
+    run_clip = module.config.get("sampler", {}).get("clip_x0", "missing")
+    if run_clip != "missing" and not any(o.split("=")[0].lstrip("+~") == "sampler.clip_x0" for o in overrides):
+        sampler_cfg.clip_x0 = run_clip
+    try:
+        sampler = instantiate(sampler_cfg)
+    except Exception as err:  # hydra wraps the constructor's ValueError
+        raise ConfigError(f"sampler: {err.__cause__ or err}") from err
+    check_sampler(sampler, module.denoiser.schedule)
+    return sampler
+
+
+def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Sample from ``cfg.ckpt_path`` into ``out_dir``; returns a summary dict. ``overrides``: the command line's."""
     module = load_module(cfg.ckpt_path, map_location=cfg.device)
     assert module.config is not None
-    sampler = instantiate(cfg.sampler) if cfg.sampler is not None else module.sampler
-    samples, nfe, rate = generate_in_batches(
-        module, cfg.num_samples, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, progress=True
-    )
+    check_sampling_request(cfg, module.num_classes, module.p_uncond)
+    sampler = build_sampler(cfg, module, overrides or [])
+    labels = None if cfg.class_labels is None else list(cfg.class_labels)
+    out, rate = generate_in_batches(
+        module, cfg.num_samples, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, progress=True,
+        class_labels=labels, guidance_scale=cfg.guidance_scale,
+    )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(out_dir / "samples.npz", x0=samples.numpy(), nfe=nfe, seed=cfg.seed)
+    w = out.guidance_scale
+    arrays: dict[str, Any] = {"x0": out.x0.numpy(), "nfe": out.nfe, "network_evals": out.network_evals}
+    arrays |= {"guided": out.guided, "guidance_scale": float("nan") if w is None else w, "seed": cfg.seed}
+    if out.y is not None:
+        arrays["y"] = out.y.numpy()
+    np.savez(out_dir / "samples.npz", **arrays)
     if cfg.grid:
-        save_png(render(module.config, samples), out_dir / "grid.png")
+        save_png(render(module.config, out.x0), out_dir / "grid.png")
     summary = {
-        "nfe": nfe,
+        **sampling_protocol(out, module.num_classes),
         "samples_per_s": rate,
         "num_samples": cfg.num_samples,
         "sampler": sampler.name,
@@ -52,8 +85,42 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "ema": cfg.use_ema,
         "out_dir": str(out_dir),
     }
+    if labels is not None:
+        summary["labels"] = f"cycled over {labels}"
     (out_dir / "sample_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def check_sampling_request(cfg: DictConfig, num_classes: int | None, p_uncond: float) -> None:
+    """``guidance_scale`` and ``class_labels`` must suit the checkpoint's model; raise :class:`ConfigError`."""
+    check_guidance("guidance_scale", cfg.guidance_scale, num_classes, p_uncond)
+    if cfg.class_labels is None:
+        return
+    if num_classes is None:
+        raise ConfigError(
+            f"class_labels={list(cfg.class_labels)} needs a class-conditional model; this one is unconditional "
+            "(valid: class_labels=null)"
+        )
+    bad = [c for c in cfg.class_labels if not 0 <= c <= num_classes]
+    if bad or len(cfg.class_labels) == 0:
+        raise ConfigError(
+            f"class_labels={list(cfg.class_labels)}: valid labels are 0..{num_classes - 1} "
+            f"(and {num_classes}, the null label), as a non-empty list"
+        )
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """The one-line printout: NFE (denoiser calls per sample), guidance, samples/s."""
+    nfe, evals = summary["nfe"], summary["network_evals_per_sample"]
+    if summary["guided"]:
+        cost = f"guided, CFG w={summary['guidance_scale']:g}: {evals} network evaluations per sample, 2 per call"
+    else:
+        cost = "unguided"
+    labels = f", labels {summary['labels']}" if summary["labels"] else ""
+    return (
+        f"NFE: {nfe} ({cost})  samples/s: {summary['samples_per_s']:.1f}  "
+        f"({summary['num_samples']} samples, {summary['sampler']}, {summary['steps']} steps{labels})"
+    )
 
 
 register_configs()
@@ -63,11 +130,8 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     """Console entry point ``dlab-sample``."""
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-    summary = run(cfg, out_dir)
-    print(
-        f"NFE: {summary['nfe']}  samples/s: {summary['samples_per_s']:.1f}  "
-        f"({summary['num_samples']} samples, {summary['sampler']}, {summary['steps']} steps)"
-    )
+    summary = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
+    print(describe(summary))
     print(f"wrote {out_dir / 'samples.npz'} and {out_dir / 'grid.png'}")
 
 

@@ -2,6 +2,7 @@
 
 dlab-train                                  # the default experiment (digits, CPU, a few minutes)
 dlab-train experiment=toy2d schedule=cosine parameterization=v weighting=min_snr
+dlab-train cond.enabled=true cond.p_uncond=0.1 eval.guidance_scale=2   # class-conditional digits + CFG
 python -m diffusion_lab.train trainer=ddp trainer.accelerator=cpu trainer.devices=2
 """
 
@@ -24,10 +25,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks import SampleEvaluation, SampleGrid
-from diffusion_lab.config import ConfigError, WandbMode, register_configs, validate_config
+from diffusion_lab.config import WandbMode, register_configs, validate_config
 from diffusion_lab.metrics import format_count
 from diffusion_lab.metrics.likelihood import bits_per_dim
-from diffusion_lab.module import DiffusionModule, build_module
+from diffusion_lab.module import DiffusionModule, build_module, set_num_classes
 
 # The repository's conf/ (editable install), or the copy a wheel carries inside the package.
 _PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
@@ -135,19 +136,30 @@ def evaluate_bpd(cfg: DictConfig, module: DiffusionModule, datamodule: Any) -> d
     }
 
 
+def conditioning_protocol(cfg: DictConfig) -> dict[str, Any]:
+    """How the model was conditioned and trained: label count and label-dropout rate (None if unconditional)."""
+    num_classes = cfg.model.get("num_classes")
+    return {
+        "num_classes": num_classes,
+        "p_uncond": cfg.cond.p_uncond if num_classes is not None else None,
+        # bits/dim takes no labels: a conditional model is scored as p(x) through its null label.
+        "bpd_labels": "null label (unconditional p(x))" if num_classes is not None else None,
+    }
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one training job in ``run_dir``; returns the final metrics."""
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
-    if cfg.model.get("num_classes") is not None and datamodule.num_classes != cfg.model.num_classes:
-        raise ConfigError(
-            f"model.num_classes={cfg.model.num_classes} but the dataset has num_classes={datamodule.num_classes}"
-        )
+    set_num_classes(cfg, datamodule.num_classes)  # cond.enabled=true: the network conditions on the labels
     module: DiffusionModule = build_module(cfg, datamodule.data_shape)
     metric = build_metric(cfg, datamodule)
-    evaluation = SampleEvaluation(metric, cfg.eval.num_samples, cfg.eval.batch_size, cfg.eval.every_n_steps)
-    grid = SampleGrid(run_dir, cfg.callbacks.sample_every_n_steps, cfg.callbacks.grid_samples)
+    w = cfg.eval.guidance_scale
+    evaluation = SampleEvaluation(
+        metric, cfg.eval.num_samples, cfg.eval.batch_size, cfg.eval.every_n_steps, guidance_scale=w
+    )
+    grid = SampleGrid(run_dir, cfg.callbacks.sample_every_n_steps, cfg.callbacks.grid_samples, guidance_scale=w)
     trainer = build_trainer(cfg, run_dir, [grid, evaluation])
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -167,6 +179,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "reference": f"{cfg.dataset._target_.rsplit('.', 1)[-1]} train split",
             "weights": "EMA",
             "metric": cfg.metrics.get("_target_"),
+            "sampling": evaluation.protocol,
+            "conditioning": conditioning_protocol(cfg),
             "feature_extractor": _extractor_id(metric),
             "bpd": bpd.get("protocol"),
         },

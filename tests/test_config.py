@@ -35,12 +35,23 @@ def compose_train(overrides=()):
         return compose("train", overrides=list(overrides))
 
 
+DATASETS_WITHOUT_DIGITS_METRIC = [
+    "celeba",
+    "cifar10",
+    "fashion_mnist",
+    "image_folder",
+    "imagenet32",
+    "imagenet64",
+    "mnist",
+    "shapes",
+]
+
 # Options that only make sense together: a toy-2D option is composed inside the toy2d experiment.
 CONTEXT = {
     ("dataset", "toy2d"): ["experiment=toy2d"],
     ("metrics", "toy2d"): ["experiment=toy2d"],
     ("model", "mlp"): ["experiment=toy2d"],
-    ("dataset", "cifar10"): ["metrics=none"],
+    **{("dataset", name): ["metrics=none"] for name in DATASETS_WITHOUT_DIGITS_METRIC},
     ("schedule", "rectified_flow"): ["parameterization=flow"],
     ("schedule", "learned"): ["weighting=elbo"],
 }

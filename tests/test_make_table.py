@@ -37,5 +37,5 @@ def test_table_has_varying_axes_as_columns_and_shared_overrides_once(tmp_path, m
 
 
 def test_empty_directory_is_a_clear_error(tmp_path, make_table):
-    with pytest.raises(SystemExit, match="no \\*/metrics.json"):
+    with pytest.raises(SystemExit, match=r"no \*/metrics\.json"):
         make_table.main([str(tmp_path)])

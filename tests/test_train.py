@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
-from diffusion_lab.config import register_configs
+from diffusion_lab.config import ConfigError, register_configs, validate_config
 from diffusion_lab.module import load_checkpoint, load_module
 from diffusion_lab.train import CONFIG_DIR, train
 
@@ -207,3 +208,78 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert metrics["train/steps"] == 5
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"], "one output directory per job, not per rank"
+
+
+def compose_named(name, overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+# (sampler option, its overrides, the NFE it must report): NFE is the true count of denoiser calls.
+SAMPLER_CASES = [
+    ("ddim", ["sampler.steps=5", "sampler.grid=trailing"], 5),
+    ("euler", ["sampler.steps=5", "sampler.s_churn=1"], 5),
+    ("heun", ["sampler.steps=4"], 7),  # 2·steps − 1: the step to σ = 0 is Euler
+    ("edm", ["sampler.steps=4"], 7),
+    ("dpm_solver", ["sampler.steps=5", "sampler.order=3"], 5),
+    ("dpm_solver", ["sampler.steps=4", "sampler.method=singlestep"], 4),  # 2S: one call per grid interval
+    ("euler_maruyama", ["sampler.steps=6"], 6),
+    ("pc", ["sampler.steps=10", "sampler.corrector_steps=2"], 30),  # a predictor and 2 corrector calls per step
+    ("rk45", ["sampler.rtol=1e-3", "sampler.atol=1e-3"], None),  # adaptive: whatever the solver used
+]
+
+
+@pytest.mark.parametrize(("name", "overrides", "nfe"), SAMPLER_CASES, ids=[f"{c[0]}-{c[2]}" for c in SAMPLER_CASES])
+def test_any_sampler_on_an_existing_checkpoint(toy_run, tmp_path, name, overrides, nfe):
+    """``dlab-sample … sampler=<any>``: the run's unbounded data keep clip_x0=null unless it is overridden."""
+    from diffusion_lab.sample import build_sampler
+    from diffusion_lab.sample import run as sample_run
+
+    run_dir, _ = toy_run
+    ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+    cfg = compose_named("sample", [ckpt, f"sampler={name}", *overrides, "num_samples=6", "batch_size=6", "grid=false"])
+    summary = sample_run(cfg, tmp_path, overrides=[f"sampler={name}"])
+    data = np.load(tmp_path / "samples.npz")
+    assert data["x0"].shape == (6, 2)
+    # The Langevin corrector's SNR rule takes steps ∝ 1/‖ε̂‖², which explode on this 6-step model's ε̂ ≈ 0.
+    assert name == "pc" or np.isfinite(data["x0"]).all()
+    assert summary["sampler"] == name and int(data["nfe"]) == summary["nfe"]
+    if nfe is not None:
+        assert summary["nfe"] == nfe
+    module = load_module(run_dir / "checkpoints" / "last.ckpt")
+    assert module.config["sampler"]["clip_x0"] is None and cfg.sampler.clip_x0 == 1.0
+    assert build_sampler(cfg, module, []).clip_x0 is None
+    assert build_sampler(cfg, module, ["sampler.clip_x0=1.0"]).clip_x0 == 1.0
+
+
+def test_a_grid_the_checkpoints_schedule_lacks_is_a_clear_error(toy_run, tmp_path):
+    from diffusion_lab.sample import run as sample_run
+
+    run_dir, _ = toy_run
+    ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+    cfg = compose_named("sample", [ckpt, "sampler=dpm_solver", "sampler.grid=trailing", "sampler.steps=2000"])
+    with pytest.raises(ConfigError, match="exceeds the discrete schedule's T=1000"):
+        sample_run(cfg, tmp_path)
+    assert not (tmp_path / "samples.npz").exists()
+    cont = compose_train(["schedule=cosine", "schedule.discrete=false", "sampler.grid=leading"])
+    with pytest.raises(ConfigError, match=r"valid choices there: \['karras', 'log_snr', 'uniform'\]"):
+        validate_config(cont)
+
+
+def test_evaluate_pf_ode_bits_per_dim(toy_run, tmp_path):
+    """``dlab-evaluate bpd_method=ode``: the PF-ODE likelihood, its key, NFE and tolerances in the protocol."""
+    from diffusion_lab.evaluate import run as evaluate_run
+
+    run_dir, _ = toy_run
+    args = [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_examples=8", "bpd_method=ode"]
+    cfg = compose_named("evaluate", [*args, "ode_rtol=1e-3", "ode_atol=1e-3"])
+    results = evaluate_run(cfg, tmp_path)
+    assert np.isfinite(results["val/bpd_ode@8"]) and results["val/bpd_ode_sem@8"] > 0
+    protocol = results["protocol"]["bpd_ode"]
+    assert protocol["method"] == "ode" and protocol["rtol"] == 1e-3 and protocol["nfe_mean"] > 2
+    assert protocol["decoder"] == "density"  # 2-D points: a density, not dequantised
+    with pytest.raises(ConfigCompositionException, match="ode_probe=sobol"):
+        compose_named("evaluate", [*args, "ode_probe=sobol"])
+    with pytest.raises(ConfigError, match="tolerances must be > 0"):
+        evaluate_run(compose_named("evaluate", [*args, "ode_rtol=0"]), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -31,12 +31,21 @@ class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, sample ``num_samples``
     examples with fixed per-index seeds (so grids are comparable across steps) and render them with
     the datamodule's ``render``. Writes ``samples/step_XXXXXXX.png`` and ``samples_ema.png``.
+    A class-conditional model draws labels cycling over its classes (in grid order), guided by
+    ``guidance_scale`` if set.
     """
 
-    def __init__(self, out_dir: str | Path, every_n_steps: int = 500, num_samples: int = 64) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        every_n_steps: int = 500,
+        num_samples: int = 64,
+        guidance_scale: float | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
+        self.guidance_scale = guidance_scale
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if periodic_step_due(trainer, self.every_n_steps):
@@ -49,9 +58,10 @@ class SampleGrid(L.Callback):
         if self.num_samples <= 0 or not trainer.is_global_zero:
             return
         assert isinstance(pl_module, DiffusionModule)
-        out = pl_module.generate(range(self.num_samples))
+        out = pl_module.generate(range(self.num_samples), guidance_scale=self.guidance_scale)
         image = trainer.datamodule.render(out.x0.cpu())  # type: ignore[attr-defined]
         save_png(image, path)
+        caption = f"NFE {out.nfe}" + ("" if out.guidance_scale is None else f", CFG w={out.guidance_scale:g}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("samples/ema", [image], step=trainer.global_step, caption=[f"NFE {out.nfe}"])
+                logger.log_image("samples/ema", [image], step=trainer.global_step, caption=[caption])

@@ -2,22 +2,27 @@
 
 A discrete-time model is scored with its own variational bound (Ho et al. 2020 eq. 5, discretised
 Gaussian decoder for 8-bit images); a continuous-time one with the continuous ELBO (Kingma et al.
-2021 eq. 17–19). Both are upper bounds on the negative log-likelihood, reported in bits per data
-dimension with their standard error; every number carries its method in the protocol.
+2021 eq. 17–19). Both are upper bounds on the negative log-likelihood. ``method="ode"`` instead computes
+the likelihood of the probability-flow ODE model (Song et al. 2021 App. D.2), with uniform dequantisation
+for 8-bit images (:mod:`diffusion_lab.diffusion.ode_likelihood`); it is never chosen by ``auto``. Results
+are in bits per data dimension with their standard error; every number carries its method in the protocol.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion.likelihood import continuous_elbo, discrete_elbo
+from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions, ode_nll
 
-METHODS = ("auto", "discrete", "continuous")
+METHODS = ("auto", "discrete", "continuous", "ode")
 
 
 @dataclass(frozen=True)
@@ -30,19 +35,62 @@ class BitsPerDim:
     method: str
     decoder: str
     num_t_samples: int | None
+    # Method-specific protocol, merged into protocol(): for "ode" the solver, tolerances, probe, t_eps, NFE.
+    details: dict[str, object] = field(default_factory=dict)
 
     def protocol(self) -> dict[str, object]:
         """Everything but the numbers, for the run's ``protocol`` record."""
-        return {k: v for k, v in asdict(self).items() if k not in ("bpd", "sem")}
+        fields = {k: v for k, v in asdict(self).items() if k not in ("bpd", "sem", "details")}
+        return {**fields, **self.details}
 
 
 def resolve_method(method: str, denoiser: Denoiser) -> str:
-    """``auto`` → ``discrete`` for a discrete-time schedule, else ``continuous``."""
+    """``auto`` → ``discrete`` for a discrete-time schedule, else ``continuous``; ``ode`` only when asked."""
     if method not in METHODS:
         raise ValueError(f"unknown bits/dim method {method!r}; valid choices: {list(METHODS)}")
     if method == "auto":
         return "discrete" if denoiser.schedule.is_discrete else "continuous"
     return method
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Evaluate without dropout (a random drift breaks the ODE solver), then restore the training flag."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _sem(values: Tensor) -> float:
+    """Standard error of the mean of ``values (N,)`` (nan for a single value)."""
+    return values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else float("nan")
+
+
+def _ode_bits_per_dim(
+    denoiser: Denoiser,
+    data: Tensor,
+    batch_size: int,
+    options: ODELikelihoodOptions,
+    dequantize: bool,
+    gen: torch.Generator,
+    device: torch.device,
+) -> BitsPerDim:
+    """Bits/dim of the probability-flow ODE model; NFE per batch in the protocol."""
+    values, nfes = [], []
+    protocol: dict[str, object] = {}
+    for lo in range(0, data.shape[0], batch_size):
+        x0 = data[lo : lo + batch_size].to(device).float()
+        out = ode_nll(denoiser, x0, options=options, dequantize=dequantize, generator=gen)
+        values.append(out.bits_per_dim.double().cpu())
+        nfes.append(out.nfe)
+        protocol = out.protocol
+    bpd = torch.cat(values)
+    details = {**protocol, "batch_size": batch_size, "nfe_mean": sum(nfes) / len(nfes), "nfe_max": max(nfes)}
+    decoder = "uniform_dequantization" if dequantize else "density"
+    return BitsPerDim(bpd.mean().item(), _sem(bpd), bpd.numel(), "ode", decoder, None, details)
 
 
 @torch.no_grad()
@@ -54,16 +102,44 @@ def bits_per_dim(
     num_t_samples: int | None = 50,
     decoder: str | None = None,
     seed: int = 0,
+    *,
+    ode: ODELikelihoodOptions | None = None,
+    dequantize: bool | None = None,
 ) -> BitsPerDim:
     """Bits/dim of ``denoiser`` on ``data (N, ...)`` (images in [−1, 1] or continuous vectors).
 
-    ``decoder`` defaults to ``discretized`` for ``(N, C, H, W)`` images and ``gaussian`` otherwise;
+    ELBO methods: ``decoder`` defaults to ``discretized`` for ``(N, C, H, W)`` images and ``gaussian`` otherwise;
     ``num_t_samples`` diffusion terms per example (None: all T terms of a discrete model).
+    ``method="ode"``: ``ode`` options (default :class:`ODELikelihoodOptions`); ``dequantize`` defaults to True
+    for ``(N, C, H, W)`` images (8-bit bound, +log₂127.5 bits/dim) and False otherwise (a density, in bits).
+    The denoiser is evaluated in eval mode.
     """
     method = resolve_method(method, denoiser)
-    decoder = decoder or ("discretized" if data.dim() == 4 else "gaussian")
+    if method == "ode" and decoder is not None:
+        raise ValueError("method='ode' has no decoder; discrete data are handled by dequantize=True")
+    if method != "ode" and (ode is not None or dequantize is not None):
+        raise ValueError(f"ode options and dequantize apply to method='ode' only, got method={method!r}")
     device = next(iter(denoiser.parameters()), torch.empty(0)).device
     gen = torch.Generator(device=device).manual_seed(seed)
+    with _eval_mode(denoiser):
+        if method == "ode":
+            dequantize = data.dim() == 4 if dequantize is None else dequantize
+            return _ode_bits_per_dim(denoiser, data, batch_size, ode or ODELikelihoodOptions(), dequantize, gen, device)
+        return _elbo_bits_per_dim(denoiser, data, batch_size, method, num_t_samples, decoder, gen, device)
+
+
+def _elbo_bits_per_dim(
+    denoiser: Denoiser,
+    data: Tensor,
+    batch_size: int,
+    method: str,
+    num_t_samples: int | None,
+    decoder: str | None,
+    gen: torch.Generator,
+    device: torch.device,
+) -> BitsPerDim:
+    """Bits/dim by the discrete VLB or the continuous ELBO."""
+    decoder = decoder or ("discretized" if data.dim() == 4 else "gaussian")
     dims = data[0].numel()
     values = []
     for lo in range(0, data.shape[0], batch_size):
@@ -74,5 +150,4 @@ def bits_per_dim(
             out = continuous_elbo(denoiser, x0, decoder=decoder, num_t_samples=num_t_samples or 1, generator=gen)
         values.append(out.bits_per_dim(dims).double().cpu())
     bpd = torch.cat(values)
-    sem = bpd.std().item() / math.sqrt(bpd.numel()) if bpd.numel() > 1 else float("nan")
-    return BitsPerDim(bpd.mean().item(), sem, bpd.numel(), method, decoder, num_t_samples)
+    return BitsPerDim(bpd.mean().item(), _sem(bpd), bpd.numel(), method, decoder, num_t_samples)

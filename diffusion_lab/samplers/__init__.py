@@ -1,7 +1,50 @@
 """Samplers: every one is driven by the denoiser contract ``D(x_t, t, y) -> x̂0`` and a time grid."""
 
-from diffusion_lab.samplers.base import TIME_GRIDS, SampleOutput, Sampler, time_grid
+from diffusion_lab.samplers.base import (
+    GRID_OPTIONS,
+    TIME_GRIDS,
+    GridOptions,
+    SampleOutput,
+    Sampler,
+    time_grid,
+)
 from diffusion_lab.samplers.ddim import DDIMSampler
 from diffusion_lab.samplers.ddpm import DDPMSampler
+from diffusion_lab.samplers.dpm_solver import DPMSolverSampler
+from diffusion_lab.samplers.ode import EDMSampler, EulerSampler, HeunSampler, RK45Sampler
+from diffusion_lab.samplers.sde import EulerMaruyamaSampler, PCSampler
 
-__all__ = ["TIME_GRIDS", "DDIMSampler", "DDPMSampler", "SampleOutput", "Sampler", "time_grid"]
+# Sampler name (``Sampler.name``) -> class.
+SAMPLERS: dict[str, type[Sampler]] = {
+    cls.name: cls
+    for cls in (
+        DDPMSampler,
+        DDIMSampler,
+        EulerSampler,
+        HeunSampler,
+        EDMSampler,
+        RK45Sampler,
+        DPMSolverSampler,
+        EulerMaruyamaSampler,
+        PCSampler,
+    )
+}
+
+__all__ = [
+    "GRID_OPTIONS",
+    "SAMPLERS",
+    "TIME_GRIDS",
+    "DDIMSampler",
+    "DDPMSampler",
+    "DPMSolverSampler",
+    "EDMSampler",
+    "EulerMaruyamaSampler",
+    "EulerSampler",
+    "GridOptions",
+    "HeunSampler",
+    "PCSampler",
+    "RK45Sampler",
+    "SampleOutput",
+    "Sampler",
+    "time_grid",
+]

@@ -21,8 +21,17 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def __init__(self, steps: int = 50, grid: str = "uniform", clip_x0: float | None = None, eta: float = 0.0) -> None:
-        super().__init__(steps, grid, clip_x0)
+    def __init__(
+        self,
+        steps: int = 50,
+        grid: str = "uniform",
+        clip_x0: float | None = None,
+        eta: float = 0.0,
+        rho: float | None = None,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+    ) -> None:
+        super().__init__(steps, grid, clip_x0, rho, sigma_min, sigma_max)
         if eta < 0:
             raise ValueError(f"sampler.eta must be >= 0, got {eta}")
         self.eta = eta

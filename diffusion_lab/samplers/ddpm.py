@@ -28,9 +28,17 @@ class DDPMSampler(Sampler):
     name = "ddpm"
 
     def __init__(
-        self, steps: int = 1000, grid: str = "uniform", clip_x0: float | None = None, variance: str = "small"
+        self,
+        steps: int = 1000,
+        grid: str = "uniform",
+        clip_x0: float | None = None,
+        variance: str = "small",
+        rho: float | None = None,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
     ) -> None:
-        super().__init__(steps, grid, clip_x0)
+        super().__init__(steps, grid, clip_x0, rho, sigma_min, sigma_max)
+        variance = getattr(variance, "value", variance)  # a config enum member -> its name
         if variance not in VARIANCES:
             raise ValueError(f"unknown sampler.variance {variance!r}; valid choices: {list(VARIANCES)}")
         self.variance = variance

@@ -14,9 +14,8 @@ from diffusion_lab.diffusion import (
 from diffusion_lab.diffusion.analytic import GaussianMixture, OracleNetwork
 
 MU, S = 0.5, 0.7
-GAUSS = GaussianMixture(
-    torch.ones(1, dtype=torch.float64), torch.full((1, 3), MU, dtype=torch.float64), torch.tensor([S], dtype=torch.float64)
-)
+F64 = torch.float64
+GAUSS = GaussianMixture(torch.ones(1, dtype=F64), torch.full((1, 3), MU, dtype=F64), torch.tensor([S], dtype=F64))
 
 
 @pytest.mark.parametrize("schedule", [SigmoidSchedule(), RectifiedFlowSchedule(), VESchedule()], ids=type)
