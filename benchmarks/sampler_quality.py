@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     z = torch.randn(args.num_samples, 2, generator=g, dtype=torch.float64)
     truth = mixture.sample(args.num_samples, g)
     # Two independent samples of the mixture are this far apart on average (the estimate's own noise level).
-    pairs = [energy_distance(mixture.sample(args.num_samples, g), mixture.sample(args.num_samples, g)) for _ in range(8)]
+    n = args.num_samples
+    pairs = [energy_distance(mixture.sample(n, g), mixture.sample(n, g)) for _ in range(8)]
     floor, floor_std = float(np.mean(pairs)), float(np.std(pairs))
     sigma_max = float(sigma_from_alpha_bar(schedule.alpha_sigma(torch.ones((), dtype=torch.float64))[0] ** 2))
     start = time.perf_counter()

@@ -52,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for w in args.scales:
-        out, rate = generate_in_batches(
-            module, args.num_samples, args.batch_size, args.seed, sampler, guidance_scale=w
-        )
+        out, rate = generate_in_batches(module, args.num_samples, args.batch_size, args.seed, sampler, guidance_scale=w)
         scores = metric.compute_from_stats(out.x0, *ref)
         assert out.y is not None
         agreement = float((metric.predict(out.x0) == out.y).double().mean())
@@ -65,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| w | fd_digits@{args.num_samples} | label agreement | class entropy |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['guidance_scale']:g} | {r['fd_digits']:.3f} | {r['label_agreement']:.3f} | {r['class_entropy']:.3f} |")
+        cells = f"{r['fd_digits']:.3f} | {r['label_agreement']:.3f} | {r['class_entropy']:.3f}"
+        print(f"| {r['guidance_scale']:g} | {cells} |")
     protocol = {"checkpoint": str(args.ckpt), "sampler": args.sampler, "steps": args.steps,
                 "num_samples": args.num_samples, "seed": args.seed, "extractor": metric.extractor_id}  # fmt: skip
     out_path = args.out or args.ckpt.parent.parent / "cfg_scale.json"
