@@ -508,6 +508,30 @@ class Toy2DMetricConfig:
     num_projections: int = 256
 
 
+@dataclass
+class FidelityMetricConfig:
+    """FID / IS / KID / precision-recall via torch-fidelity (``metrics=fid``); see diffusion_lab/metrics/fidelity.py."""
+
+    _target_: str = "diffusion_lab.metrics.FidelityMetric"
+    # Local weights-inception-2015-12-05-6726825d.pth (torch-fidelity's inception-v3-compat); null: download once.
+    inception_weights: str | None = None
+    cache_dir: str | None = None  # reference features/statistics (null: ~/.cache/diffusion_lab/fidelity)
+    fid: bool = True
+    isc: bool = True
+    kid: bool = True
+    prc: bool = False  # precision/recall in Inception-2048 space
+    noise_floor: bool = True  # also log fid_floor@N: N training images vs the full training set
+    feature_layer: str = "2048"  # of FID/KID/PRC: 64 | 192 | 768 | 2048; a non-standard one renames keys fid<layer>…
+    kid_subset_size: int = 1000
+    isc_splits: int = 10
+    batch_size: int = 64
+    device: str = "auto"
+    reference_name: str = "reference"
+    seed: int = 0
+    max_reference: int | None = None  # reference images handed in by the training callback (null: all)
+    verbose: bool = False
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online if an API key is configured, otherwise offline
     online = "online"
@@ -573,11 +597,31 @@ class EMAConfig:
     start_step: int = 0
 
 
+class CheckpointMode(str, Enum):
+    min = "min"
+    max = "max"
+
+
+class NonFiniteAction(str, Enum):
+    skip = "skip"  # skip the optimizer step (grads dropped) and log a warning naming the step and tensor
+    stop = "stop"  # raise NonFiniteError naming the step and tensor; the last checkpoint stays intact
+    off = "off"  # no check
+
+
 @dataclass
 class CallbacksConfig:
     sample_every_n_steps: int = 500
     grid_samples: int = 64
+    # last.ckpt (atomic write) every this many optimizer steps; also the step checkpoints below.
     checkpoint_every_n_steps: int = 500
+    # Also keep the newest k step checkpoints ``step=N.ckpt`` (0: last.ckpt only).
+    keep_last_k: int = 0
+    # Also keep the ``save_top_k`` best ``best-step=N.ckpt`` by this logged metric (null: none).
+    monitor: str | None = None
+    mode: CheckpointMode = CheckpointMode.min
+    save_top_k: int = 1
+    # A non-finite loss or gradient: skip the step, stop the run, or do not check.
+    nonfinite: NonFiniteAction = NonFiniteAction.stop
     rich_progress: bool = False
 
 
@@ -632,6 +676,14 @@ class TrainConfig:
     seed: int = 0
     name: str = "default"
     ckpt_path: str | None = None
+    # Resume from <run dir>/checkpoints/last.ckpt when it exists (same command, same hydra.run.dir).
+    resume: bool = False
+    # torch.compile the network (the EMA copy stays eager); channels_last memory format for image networks.
+    compile: bool = False
+    channels_last: bool = False
+    # Metric key (``*`` allowed, e.g. ``val/energy_distance@*``) whose final value dlab-train returns to a
+    # Hydra sweeper (Optuna); null: return nothing.
+    optimize_metric: str | None = None
 
 
 @dataclass
@@ -685,6 +737,13 @@ class EvaluateConfig:
     device: str = "cpu"
     seed: int = 0
     out_dir: str | None = None
+    # Sample-quality scores (scores=[fid|fd_digits|toy2d, …]): num_samples index-seeded EMA samples drawn with
+    # `sampler` (null: the run's; sampler=<option> sampler.steps=… as in dlab-sample), scored against the train split.
+    sampler: Any = None
+    metrics: Any = None  # metrics=fid (default) options, e.g. metrics.inception_weights=/path/to/weights.pth
+    num_samples: int = 1000
+    guidance_scale: float | None = None
+    ref_stats_only: bool = False  # compute + cache the reference statistics (and fid_floor@num_samples), then exit
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -736,7 +795,12 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "image_folder": ImageFolderDataConfig,
         "shapes": ShapesDataConfig,
     },
-    "metrics": {"none": NoMetricConfig, "toy2d": Toy2DMetricConfig, "digits_fd": DigitsFDMetricConfig},
+    "metrics": {
+        "none": NoMetricConfig,
+        "toy2d": Toy2DMetricConfig,
+        "digits_fd": DigitsFDMetricConfig,
+        "fid": FidelityMetricConfig,
+    },
 }
 
 
@@ -761,10 +825,106 @@ class ConfigError(ValueError):
     """A composed config with an out-of-range value or an impossible combination."""
 
 
+def _positive(v: Any) -> bool:
+    return v >= 1
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _probability(v: Any) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _unit_open(v: Any) -> bool:
+    return 0.0 <= v < 1.0
+
+
+# (key, test, valid range): every numeric option with a domain the schema types cannot express. A key a
+# config does not have (another model or dataset) or whose value is null is skipped.
+DOMAIN_RULES: list[tuple[str, Any, str]] = [
+    ("trainer.accumulate_grad_batches", _positive, "an integer >= 1"),
+    ("trainer.log_every_n_steps", _positive, "an integer >= 1"),
+    ("trainer.num_nodes", _positive, "an integer >= 1"),
+    ("trainer.gradient_clip_val", _non_negative, "null or 0 (no clipping) or a number > 0"),
+    ("dataset.batch_size", _positive, "an integer >= 1"),
+    ("dataset.num_workers", _non_negative, "an integer >= 0"),
+    ("dataset.num_train", _positive, "an integer >= 1"),
+    ("dataset.num_val", _positive, "an integer >= 1"),
+    ("dataset.val_fraction", lambda v: 0.0 < v < 1.0, "a fraction in (0, 1)"),
+    ("dataset.resolution", _positive, "an integer >= 1"),
+    ("optim.lr", lambda v: v > 0, "a number > 0"),
+    ("optim.eps", lambda v: v > 0, "a number > 0"),
+    ("optim.weight_decay", _non_negative, "a number >= 0"),
+    ("optim.warmup_steps", _non_negative, "an integer >= 0"),
+    ("optim.betas", lambda v: len(v) == 2 and all(_unit_open(b) for b in v), "two numbers in [0, 1)"),
+    ("ema.decay", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+    ("ema.start_step", _non_negative, "an integer >= 0"),
+    ("callbacks.checkpoint_every_n_steps", _positive, "an integer >= 1"),
+    ("callbacks.sample_every_n_steps", _positive, "an integer >= 1"),
+    ("callbacks.grid_samples", _non_negative, "an integer >= 0"),
+    ("callbacks.keep_last_k", _non_negative, "an integer >= 0 (0: last.ckpt only)"),
+    ("callbacks.save_top_k", lambda v: v >= 1 or v == -1, "an integer >= 1, or -1 (all)"),
+    ("eval.num_samples", _non_negative, "an integer >= 0"),
+    ("eval.batch_size", _positive, "an integer >= 1"),
+    ("eval.every_n_steps", _non_negative, "an integer >= 0 (0: only at the end)"),
+    ("eval.bpd_examples", _non_negative, "an integer >= 0"),
+    ("eval.bpd_num_t_samples", _positive, "null (all T terms) or an integer >= 1"),
+    ("cond.p_uncond", _probability, "a probability in [0, 1]"),
+    ("loss.vlb_weight", _non_negative, "a number >= 0"),
+    ("schedule.num_timesteps", _positive, "null (continuous) or an integer >= 1"),
+    ("sampler.steps", _positive, "an integer >= 1"),
+    ("time_sampler.t_min", _unit_open, "a number in [0, 1)"),
+    ("time_sampler.uniform_prob", _probability, "a probability in [0, 1]"),
+    ("time_sampler.history", _positive, "an integer >= 1"),
+    ("time_sampler.num_bins", _positive, "an integer >= 1"),
+    ("model.in_channels", _positive, "an integer >= 1"),
+    ("model.out_channels", _positive, "null (= in_channels) or an integer >= 1"),
+    ("model.base_channels", _positive, "an integer >= 1"),
+    ("model.resolution", _positive, "an integer >= 1"),
+    ("model.channel_mult", lambda v: len(v) >= 1 and all(m >= 1 for m in v), "a non-empty list of integers >= 1"),
+    ("model.num_res_blocks", _positive, "an integer >= 1"),
+    ("model.num_heads", _positive, "an integer >= 1"),
+    ("model.num_head_channels", _positive, "null or an integer >= 1"),
+    ("model.num_groups", _positive, "an integer >= 1"),
+    ("model.dropout", _unit_open, "a number in [0, 1)"),
+    ("model.dim", _positive, "an integer >= 1"),
+    ("model.hidden", _positive, "an integer >= 1"),
+    ("model.num_layers", _positive, "an integer >= 1"),
+    ("model.time_embed_dim", _positive, "an integer >= 1"),
+]
+
+
+def _check_domains(cfg: DictConfig) -> None:
+    """Every :data:`DOMAIN_RULES` value in range, then the UNet's shape constraints."""
+    from omegaconf import OmegaConf
+
+    for key, ok, valid in DOMAIN_RULES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value} is out of range; valid: {valid}")
+    model = cfg.model
+    if "channel_mult" in model and "resolution" in model:
+        factor = 2 ** (len(model.channel_mult) - 1)  # one downsampling between consecutive levels
+        if model.resolution % factor:
+            raise ConfigError(
+                f"model.resolution={model.resolution} must be divisible by 2**(len(model.channel_mult)-1)={factor} "
+                f"(model.channel_mult={list(model.channel_mult)}); valid: a multiple of {factor}"
+            )
+    if "num_groups" in model and "base_channels" in model and model.base_channels % model.num_groups:
+        raise ConfigError(
+            f"model.num_groups={model.num_groups} must divide model.base_channels={model.base_channels} "
+            "(GroupNorm over every channel count, all multiples of base_channels); valid: a divisor of "
+            f"{model.base_channels}"
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check ranges and combinations that the schema types cannot express; raise :class:`ConfigError`."""
     if str(cfg.precision) not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r} is not supported; valid choices: {list(PRECISIONS)}")
+    _check_domains(cfg)
     checks: list[tuple[bool, str]] = [
         (
             cfg.trainer.max_steps > 0 or cfg.trainer.max_epochs > 0,

@@ -4,6 +4,15 @@
     dlab-evaluate ckpt_path=… scores=[bpd] bpd_method=discrete num_t_samples=null   # all T VLB terms
     dlab-evaluate ckpt_path=… scores=[bpd] bpd_method=ode num_examples=1000         # PF-ODE likelihood
 
+    dlab-evaluate ckpt_path=… scores=[fid,bpd] sampler=ddim sampler.steps=50 num_samples=1000 \
+        metrics.inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth
+    dlab-evaluate ckpt_path=… scores=[fd_digits] num_samples=1000                # digits Fréchet distance
+    dlab-evaluate ckpt_path=… scores=[fid] ref_stats_only=true num_samples=1000  # cache reference stats, exit
+
+Sample-quality scores (``fid``: FID/IS/KID through torch-fidelity with the ``metrics`` options, plus the noise
+floor ``fid_floor@N``; ``fd_digits``; ``toy2d``) draw ``num_samples`` index-seeded EMA samples once with
+``sampler`` (default: the run's) and score them against the training split, logged as ``val/<name>@N_nfeK``.
+
 Metrics: ``bpd`` (bits/dim: the discrete VLB of Ho et al. 2020 for a discrete-time model, the
 continuous ELBO of Kingma et al. 2021 otherwise, or as forced by ``bpd_method``), logged as
 ``<split>/bpd@N``. ``bpd_method=ode`` computes the likelihood of the probability-flow ODE model instead
@@ -13,6 +22,7 @@ with the solver, tolerances, probe and NFE in its protocol.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -23,11 +33,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.config import ConfigError, HutchinsonProbe, LikelihoodMethod, register_configs
+from diffusion_lab.callbacks.evaluation import MAX_REFERENCE, generate_in_batches, guidance_suffix, sampling_protocol
+from diffusion_lab.config import (
+    DIGITS_METRIC_RESIZE,
+    SCHEMAS,
+    ConfigError,
+    HutchinsonProbe,
+    LikelihoodMethod,
+    check_guidance,
+    register_configs,
+)
 from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions
-from diffusion_lab.metrics import format_count
+from diffusion_lab.metrics import format_count, metric_key
 from diffusion_lab.metrics.likelihood import BitsPerDim, bits_per_dim
 from diffusion_lab.module import DiffusionModule, load_module
+from diffusion_lab.sample import build_sampler
 from diffusion_lab.train import CONFIG_DIR
 
 SPLITS = ("train", "val")
@@ -83,23 +103,124 @@ def evaluate_bpd(cfg: DictConfig, module: DiffusionModule) -> dict[str, Any]:
 
 
 EVALUATORS: dict[str, Callable[[DictConfig, DiffusionModule], dict[str, Any]]] = {"bpd": evaluate_bpd}
+# Sample-quality score -> the ``metrics=`` option that computes it.
+SAMPLE_SCORES = {"fid": "fid", "fd_digits": "digits_fd", "toy2d": "toy2d"}
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Evaluate every metric in ``cfg.scores`` on ``cfg.ckpt_path``; writes ``evaluation.json``."""
-    unknown = [m for m in cfg.scores if m not in EVALUATORS]
+def sample_metric(cfg: DictConfig, module: DiffusionModule, score: str, datamodule: Any) -> Any:
+    """The metric of ``score``: ``cfg.metrics`` if it is that option, else the run's, else the option's defaults
+    (the digits resize rule taken from the run's dataset)."""
+    option = SAMPLE_SCORES[score]
+    schema = SCHEMAS["metrics"][option]
+    target = OmegaConf.structured(schema)._target_
+    assert module.config is not None
+    run_metrics = OmegaConf.create(module.config).get("metrics")
+    node = next((n for n in (cfg.metrics, run_metrics) if n is not None and n.get("_target_") == target), None)
+    if node is None:
+        node = OmegaConf.structured(schema)
+        resize = OmegaConf.create(module.config)["dataset"].get("resize")
+        if option == "digits_fd" and resize is not None:
+            node.resize = DIGITS_METRIC_RESIZE[str(resize)]
+    log_prob = getattr(datamodule, "log_prob", None)
+    takes_log_prob = "log_prob" in inspect.signature(hydra.utils.get_class(target)).parameters
+    metric = instantiate(node, **({"log_prob": log_prob} if log_prob is not None and takes_log_prob else {}))
+    if getattr(metric, "reference_name", None) == "reference":
+        metric.reference_name = f"{type(datamodule).__name__}-train"
+    return metric
+
+
+def _reference(metric: Any, datamodule: Any) -> Any:
+    """The training split, capped at the metric's ``max_reference`` (default :data:`MAX_REFERENCE`)."""
+    cap = getattr(metric, "max_reference", MAX_REFERENCE)
+    data = datamodule.train_tensor()
+    return data if cap is None else data[:cap]
+
+
+def _metric_protocol(metric: Any) -> dict[str, Any]:
+    protocol = metric.protocol() if hasattr(metric, "protocol") else {}
+    extractor = getattr(getattr(metric, "extractor", None), "extractor_id", None)
+    return {"metric": type(metric).__name__, **({"feature_extractor": extractor} if extractor else {}), **protocol}
+
+
+def evaluate_samples(
+    cfg: DictConfig, module: DiffusionModule, scores: list[str], overrides: list[str]
+) -> dict[str, Any]:
+    """Draw ``cfg.num_samples`` samples once and score them with every sample score (``val/<name>@N_nfeK``)."""
+    assert module.config is not None
+    datamodule = instantiate(OmegaConf.create(module.config)["dataset"])
+    metrics = {s: sample_metric(cfg, module, s, datamodule) for s in scores}
+    for metric in metrics.values():  # e.g. locate the Inception weights before sampling
+        getattr(metric, "check_ready", lambda: None)()
+    check_guidance("guidance_scale", cfg.guidance_scale, module.num_classes, module.p_uncond)
+    sampler = build_sampler(cfg, module, overrides)
+    out, rate = generate_in_batches(
+        module, cfg.num_samples, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, progress=True,
+        guidance_scale=cfg.guidance_scale,
+    )  # fmt: skip
+    suffix = guidance_suffix(cfg.guidance_scale)
+    results: dict[str, Any] = {f"val/samples_per_s_nfe{out.nfe}{suffix}": rate}
+    protocol: dict[str, Any] = {
+        "samples": {
+            **sampling_protocol(out, module.num_classes),
+            "sampler": sampler.name, "steps": sampler.steps, "num_samples": cfg.num_samples, "seed": cfg.seed,
+            "weights": "EMA" if cfg.use_ema else "raw",
+            "reference": f"{type(datamodule).__name__} train split",
+        },
+    }  # fmt: skip
+    for score, metric in metrics.items():
+        reference = _reference(metric, datamodule)
+        raw = metric.compute(out.x0, reference)
+        results |= {metric_key("val", k, cfg.num_samples, out.nfe, suffix): float(v) for k, v in raw.items()}
+        protocol[score] = {**_metric_protocol(metric), "reference_examples": len(reference)}
+    return {**results, "protocol": protocol}
+
+
+def reference_stats_only(cfg: DictConfig, module: DiffusionModule) -> dict[str, Any]:
+    """``ref_stats_only=true``: compute and cache every ``fid`` reference (and ``fid_floor@num_samples``)."""
+    assert module.config is not None
+    if "fid" not in cfg.scores:
+        raise ConfigError(f"ref_stats_only=true needs fid in scores, got scores={list(cfg.scores)}")
+    datamodule = instantiate(OmegaConf.create(module.config)["dataset"])
+    metric = sample_metric(cfg, module, "fid", datamodule)
+    reference = _reference(metric, datamodule)
+    info = metric.prepare_reference(reference, cfg.num_samples)
+    floors = {f"val/{k}": v for k, v in info.items() if "@" in k}
+    cache = {k: v for k, v in info.items() if "@" not in k}
+    return {**floors, "protocol": {"fid": {**_metric_protocol(metric), **cache, "reference_examples": len(reference)}}}
+
+
+def _check_scores(cfg: DictConfig) -> None:
+    """Unknown scores and bad ``ode_*`` values fail before the checkpoint and data are loaded."""
+    valid = sorted([*EVALUATORS, *SAMPLE_SCORES])
+    unknown = [m for m in cfg.scores if m not in valid]
     if unknown:
-        raise ConfigError(f"unknown scores {unknown}; valid choices: {sorted(EVALUATORS)}")
+        raise ConfigError(f"unknown scores {unknown}; valid choices: {valid}")
+    if cfg.num_samples <= 0 and any(s in SAMPLE_SCORES for s in cfg.scores):
+        raise ConfigError(f"num_samples must be > 0 for sample scores, got {cfg.num_samples}")
     if LikelihoodMethod(cfg.bpd_method) == LikelihoodMethod.ode:
-        ode_options(cfg)  # fail on a bad ode_* value before the checkpoint and data are loaded
+        ode_options(cfg)
+
+
+def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate every metric in ``cfg.scores`` on ``cfg.ckpt_path``; writes ``evaluation.json``.
+
+    ``overrides``: the command line's (a chosen sampler keeps the run's ``clip_x0`` unless it is overridden).
+    """
+    _check_scores(cfg)
     module = load_module(cfg.ckpt_path, map_location=cfg.device)
     results: dict[str, Any] = {"checkpoint": str(cfg.ckpt_path), "protocol": {}}
-    for name in cfg.scores:
-        out = EVALUATORS[name](cfg, module)
+    if cfg.ref_stats_only:
+        outputs = [reference_stats_only(cfg, module)]
+    else:
+        outputs = [EVALUATORS[name](cfg, module) for name in cfg.scores if name in EVALUATORS]
+        sample_scores = [s for s in cfg.scores if s in SAMPLE_SCORES]
+        if sample_scores:
+            outputs.append(evaluate_samples(cfg, module, sample_scores, overrides or []))
+    for out in outputs:
         results["protocol"].update(out.pop("protocol"))
         results.update(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "evaluation.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out_dir / "evaluation.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
     return results
 
 
@@ -119,7 +240,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     """Console entry point ``dlab-evaluate``."""
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-    results = run(cfg, out_dir)
+    results = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
     print(format_table(results))
     print(f"wrote {out_dir / 'evaluation.json'}")
 

@@ -118,6 +118,7 @@ class DiffusionModule(L.LightningModule):
         self.optim_cfg, self.ema_cfg = dict(optim), dict(ema)
         self.config = config
         self.log_every_n_steps = log_every_n_steps
+        self.channels_last = False  # set by apply_scale_switches
         self.ema = AveragedModel(
             self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(self.ema_cfg["decay"]), use_buffers=True
         )
@@ -129,6 +130,8 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
+        if self.channels_last and x0.dim() == 4:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         out = self.loss_fn(self.denoiser, x0, self.training_labels(y))
         self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         for name, term in (("vlb", out.vlb), ("elbo_endpoints", out.endpoints)):
@@ -160,12 +163,18 @@ class DiffusionModule(L.LightningModule):
         self._bucket_sum.index_add_(0, idx, loss.double())
         self._bucket_count.index_add_(0, idx, torch.ones_like(loss, dtype=torch.float64))
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step <= self.ema_cfg["start_step"]:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update: both land before any checkpoint of this step is written
+        (callbacks' ``on_train_batch_end`` runs before the module's), so a resumed run continues exactly."""
+        super().optimizer_step(*args, **kwargs)
+        step = self.global_step + 1  # Lightning counts this step once the hook returns
+        if step <= self.ema_cfg["start_step"]:
             # Before EMA starts, keep the copy equal to the live weights.
             self.ema.module.load_state_dict(self.denoiser.state_dict())
         else:
             self.ema.update_parameters(self.denoiser)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.global_step % max(self.log_every_n_steps, 1) == 0:
             self._log_buckets()
 
@@ -337,6 +346,54 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> D
     module.load_state_dict(ckpt["state_dict"])
     module.on_load_checkpoint(ckpt)
     return module.to(map_location)
+
+
+# Config keys that define what the stored weights mean; resuming with any of them changed is refused.
+RESUME_KEYS = ("model", "schedule", "parameterization", "loss.learned_variance", "cond.enabled")
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint whose stored config differs from the requested one in a key that defines the weights."""
+
+
+def config_diff(stored: Any, requested: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Leaf-by-leaf differences ``(key, stored, requested)`` between two plain config trees."""
+    if isinstance(stored, dict) and isinstance(requested, dict):
+        diffs: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(stored) | set(requested), key=str):
+            sub = f"{prefix}.{key}" if prefix else str(key)
+            diffs += config_diff(stored.get(key, "<missing>"), requested.get(key, "<missing>"), sub)
+        return diffs
+    return [] if stored == requested else [(prefix, stored, requested)]
+
+
+def check_resume_compatible(stored: dict[str, Any], cfg: DictConfig, keys: Sequence[str] = RESUME_KEYS) -> None:
+    """Refuse to resume a checkpoint whose stored config differs from ``cfg`` in ``keys``; the error lists
+    every differing key with its stored and requested value."""
+    requested = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(requested, dict)
+    diffs: list[tuple[str, Any, Any]] = []
+    for key in keys:
+        a, b = OmegaConf.select(OmegaConf.create(stored), key), OmegaConf.select(OmegaConf.create(requested), key)
+        a = OmegaConf.to_container(a) if OmegaConf.is_config(a) else a
+        b = OmegaConf.to_container(b) if OmegaConf.is_config(b) else b
+        diffs += config_diff(a, b, key)
+    if diffs:
+        lines = "\n".join(f"  {k}: checkpoint={a!r} requested={b!r}" for k, a, b in diffs)
+        raise IncompatibleCheckpointError(
+            f"the checkpoint was trained with a different config in keys that define its weights:\n{lines}\n"
+            "resume with the checkpoint's values (or start a new run without ckpt_path/resume)"
+        )
+
+
+def apply_scale_switches(module: DiffusionModule, compile: bool = False, channels_last: bool = False) -> None:
+    """``channels_last``: image network weights (and training batches) in NHWC;
+    ``compile``: ``torch.compile`` the live network in place (state-dict keys unchanged; EMA stays eager)."""
+    if channels_last and len(module.data_shape) == 3:
+        module.denoiser.to(memory_format=torch.channels_last)
+        module.channels_last = True
+    if compile:
+        module.denoiser.net.compile()
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

@@ -20,64 +20,48 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks import SampleEvaluation, SampleGrid
-from diffusion_lab.config import WandbMode, register_configs, validate_config
+from diffusion_lab.callbacks.checkpoint import (
+    AtomicCheckpointIO,
+    ExactResume,
+    checkpoint_callbacks,
+    make_train_loader_resumable,
+    resolve_resume,
+    stored_wandb_run_id,
+)
+from diffusion_lab.callbacks.nan_guard import NonFiniteGuard
+from diffusion_lab.config import NonFiniteAction, register_configs, validate_config
 from diffusion_lab.metrics import format_count
 from diffusion_lab.metrics.likelihood import bits_per_dim
-from diffusion_lab.module import DiffusionModule, build_module, set_num_classes
+from diffusion_lab.module import (
+    DiffusionModule,
+    apply_scale_switches,
+    build_module,
+    check_resume_compatible,
+    load_checkpoint,
+    set_num_classes,
+)
+from diffusion_lab.tracking import build_loggers, finish_run, objective, write_summary
 
 # The repository's conf/ (editable install), or the copy a wheel carries inside the package.
 _PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
 CONFIG_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf")
 
 
-def wandb_mode(requested: str) -> str:
-    """``auto`` → ``online`` when an API key is configured (env or ~/.netrc), else ``offline``."""
-    if requested != "auto":
-        return requested
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return "online" if netrc.is_file() and "api.wandb.ai" in netrc.read_text() else "offline"
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """CSV metrics in the run dir, plus W&B (offline unless logged in) with the resolved config."""
-    loggers: list[Logger] = []
-    if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
-    wb = cfg.logger.wandb
-    mode = wandb_mode(WandbMode(wb.mode).value) if wb is not None else "disabled"
-    if wb is not None and mode != "disabled":
-        logger = WandbLogger(
-            project=wb.project,
-            entity=wb.entity,
-            group=wb.group,
-            tags=list(wb.tags),
-            job_type=wb.job_type,
-            name=f"{cfg.name}-{run_dir.name}",
-            save_dir=str(run_dir),
-            mode=mode,
-        )
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))  # type: ignore[arg-type]
-        loggers.append(logger)
-    return loggers
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
-    """A ``lightning.Trainer`` from ``cfg.trainer`` + ``cfg.precision`` with checkpoints in the run dir."""
-    ckpt = ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"),
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps,
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], wandb_id: str | None = None
+) -> L.Trainer:
+    """A ``lightning.Trainer`` from ``cfg.trainer`` + ``cfg.precision`` with checkpoints in the run dir
+    (atomic writes, RNG states, the W&B run id ``wandb_id`` continued on resume)."""
+    cb = cfg.callbacks
+    checkpoints = checkpoint_callbacks(
+        run_dir / "checkpoints", cb.checkpoint_every_n_steps, cb.keep_last_k, cb.monitor, str(cb.mode), cb.save_top_k
     )
-    loggers = build_loggers(cfg, run_dir) if not cfg.trainer.fast_dev_run else []
-    extra: list[L.Callback] = [ckpt]
+    loggers = build_loggers(cfg, run_dir, wandb_id=wandb_id) if not cfg.trainer.fast_dev_run else []
+    extra: list[L.Callback] = [*checkpoints, ExactResume(), NonFiniteGuard(NonFiniteAction(cb.nonfinite).value)]
     if loggers:
         extra.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.rich_progress:
@@ -89,16 +73,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -
         logger=loggers or False,
         callbacks=[*callbacks, *extra],
         default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+        # The training order comes from EpochSeededSampler (rank-aware, resumable mid-epoch).
+        use_distributed_sampler=False,
     )
-
-
-def write_summary(run_dir: Path, metrics: dict[str, Any]) -> Path:
-    """Write ``metrics.json`` (final metrics with protocol) atomically and return its path."""
-    path = run_dir / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def build_metric(cfg: DictConfig, datamodule: Any) -> Any:
@@ -154,15 +132,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule = instantiate(cfg.dataset)
     set_num_classes(cfg, datamodule.num_classes)  # cond.enabled=true: the network conditions on the labels
     module: DiffusionModule = build_module(cfg, datamodule.data_shape)
+    apply_scale_switches(module, compile=cfg.compile, channels_last=cfg.channels_last)
     metric = build_metric(cfg, datamodule)
     w = cfg.eval.guidance_scale
     evaluation = SampleEvaluation(
         metric, cfg.eval.num_samples, cfg.eval.batch_size, cfg.eval.every_n_steps, guidance_scale=w
     )
     grid = SampleGrid(run_dir, cfg.callbacks.sample_every_n_steps, cfg.callbacks.grid_samples, guidance_scale=w)
-    trainer = build_trainer(cfg, run_dir, [grid, evaluation])
+    ckpt_path = resolve_resume(cfg.ckpt_path, cfg.resume, run_dir)
+    if ckpt_path is not None:
+        check_resume_compatible(load_checkpoint(ckpt_path)["diffusion_lab_config"], cfg)
+    trainer = build_trainer(cfg, run_dir, [grid, evaluation], wandb_id=stored_wandb_run_id(ckpt_path))
+    make_train_loader_resumable(datamodule, trainer)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     elapsed = time.perf_counter() - start
     steps = trainer.global_step
     bpd = evaluate_bpd(cfg, module, datamodule) if trainer.is_global_zero else {}
@@ -190,6 +173,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in bpd.items() if k != "protocol"}, step=steps)
         write_summary(run_dir, metrics)
+        finish_run(run_dir, cfg, metrics, trainer.loggers)  # summary.json; closes the W&B run
     return metrics
 
 
@@ -197,14 +181,15 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    """Console entry point ``dlab-train``."""
+def main(cfg: DictConfig) -> float | None:
+    """Console entry point ``dlab-train``; returns the ``optimize_metric`` value (for a Hydra sweeper)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     metrics = train(cfg, run_dir)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         shown = {k: v for k, v in metrics.items() if k != "protocol"}
         print(json.dumps(shown, indent=2, sort_keys=True))
         print(f"run directory: {run_dir}")
+    return objective(metrics, cfg.optimize_metric)
 
 
 if __name__ == "__main__":

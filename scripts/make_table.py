@@ -1,35 +1,99 @@
-"""Turn a Hydra multirun directory into a Markdown table: one row per run, its overrides and metrics.
+"""Turn a sweep into a table: one row per run (the default), or a paper table pivoted on config axes.
 
     python scripts/make_table.py multirun/digits/<date> --metrics train/loss 'val/bpd@*' 'val/fd_digits@*'
+    python scripts/make_table.py multirun/schedule_x_param/<date> --rows schedule --cols parameterization \
+        --metric 'val/fd_digits@*' --format latex
+    python scripts/make_table.py --wandb <entity>/<project> --group schedule_x_param --rows schedule ...
 
-Each job directory holds ``.hydra/overrides.yaml`` (the swept values) and ``metrics.json`` (written by
-``dlab-train``). A metric pattern may use ``*`` to match the protocol suffix (sample count, NFE).
+Runs are read from (1) every ``summary.json`` under the directory (written by ``dlab-train``: the resolved
+config, Hydra's group choices and overrides, the final metrics; a W&B offline run lives inside such a run
+directory and mirrors it), else (2) every ``*/metrics.json`` with ``.hydra/overrides.yaml`` beside it (older
+runs), or (3) the W&B API (``--wandb entity/project`` [``--group``]). A metric pattern may use ``*`` to
+match the protocol suffix (sample count, NFE). An axis is a config group (``schedule``: its chosen option),
+an override key, or a dotted config path (``weighting.gamma``, ``seed``). Cells of a pivot table are the
+mean ± sample standard deviation over the runs that share the row and column values (e.g. seeds).
+Formats: ``markdown`` (default), ``latex`` (booktabs), ``csv`` (long form: axes, metric, mean, std, n).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import fnmatch
+import io
 import json
+import math
+import statistics
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+Run = dict[str, Any]  # {"overrides": {key: value}, "choices": {...}, "config": {...}, "metrics": {...}, "dir": str}
 
-def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """``[{"overrides": {key: value}, "metrics": {...}, "dir": path}]`` for every finished job."""
+
+def load_runs(sweep_dir: Path) -> list[Run]:
+    """Every finished run under ``sweep_dir``: from ``summary.json`` files, else ``*/metrics.json``."""
+    summaries = sorted(sweep_dir.rglob("summary.json"))
+    if summaries:
+        return [_from_summary(json.loads(p.read_text()), p.parent) for p in summaries]
     runs = []
     for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
         job = metrics_path.parent
         overrides_path = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else []
         pairs = dict(o.split("=", 1) for o in overrides if "=" in o)
-        runs.append({"overrides": pairs, "metrics": json.loads(metrics_path.read_text()), "dir": job})
+        runs.append({"overrides": pairs, "choices": {}, "config": {}, "metrics": json.loads(metrics_path.read_text()),
+                     "dir": job})  # fmt: skip
     if not runs:
         raise SystemExit(f"no */metrics.json under {sweep_dir}: is it a finished multirun directory?")
     return runs
+
+
+def _from_summary(summary: dict[str, Any], run_dir: Path) -> Run:
+    overrides = [o.lstrip("+~") for o in summary.get("overrides", [])]
+    return {
+        "overrides": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra.")),
+        "choices": summary.get("choices", {}),
+        "config": summary.get("config", {}),
+        "metrics": summary.get("metrics", {}),
+        "dir": run_dir,
+    }
+
+
+def load_wandb_runs(path: str, group: str | None = None) -> list[Run]:
+    """Runs of a W&B project (``entity/project``), optionally one group (a sweep), through the public API."""
+    import wandb
+
+    filters = {"group": group} if group else {}
+    runs = []
+    for run in wandb.Api().runs(path, filters=filters):
+        config = dict(run.config)
+        choices = config.pop("hydra_choices", {}) or {}
+        overrides = [o.lstrip("+~") for o in config.pop("overrides", []) or []]
+        runs.append({
+            "overrides": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra.")),
+            "choices": choices, "config": config, "metrics": dict(run.summary), "dir": run.url,
+        })  # fmt: skip
+    if not runs:
+        raise SystemExit(f"no W&B runs in {path}" + (f" group {group}" if group else ""))
+    return runs
+
+
+def axis_value(run: Run, axis: str) -> str:
+    """A run's value on an axis: its config-group choice, its override, or its config at a dotted path."""
+    if axis in run["choices"]:
+        return str(run["choices"][axis])
+    if axis in run["overrides"]:
+        return str(run["overrides"][axis])
+    node: Any = run["config"]
+    for part in axis.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return ""
+        node = node[part]
+    return str(node)
 
 
 def select(metrics: dict[str, Any], patterns: list[str]) -> dict[str, Any]:
@@ -37,27 +101,39 @@ def select(metrics: dict[str, Any], patterns: list[str]) -> dict[str, Any]:
     out = {}
     for pattern in patterns:
         for key in sorted(metrics):
-            if fnmatch.fnmatchcase(key, pattern) and isinstance(metrics[key], int | float):
+            if fnmatch.fnmatchcase(key, pattern) and _is_number(metrics[key]):
                 out[key] = metrics[key]
     return out
 
 
-def markdown(runs: list[dict[str, Any]], patterns: list[str]) -> str:
-    """A Markdown table: the swept keys that vary as the first columns, then every selected metric.
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
-    Overrides shared by every run are listed once, above the table."""
+
+# ------------------------------------------------------------------------------------- one row per run
+
+
+def per_run_rows(runs: list[Run], patterns: list[str]) -> tuple[list[str], list[str], list[list[str]]]:
+    """Header, the settings every run shares, and one row per run (varying overrides, then metrics)."""
     keys = sorted({k for r in runs for k in r["overrides"]})
     values = {k: {r["overrides"].get(k, "") for r in runs} for k in keys}
     axes = [k for k in keys if len(values[k]) > 1 or len(runs) == 1]
     fixed = [f"`{k}={next(iter(values[k]))}`" for k in keys if k not in axes]
     columns = sorted({k for r in runs for k in select(r["metrics"], patterns)}, key=_pattern_order(patterns))
-    lines = [f"Every run: {' '.join(fixed)}", ""] if fixed else []
-    lines += ["| " + " | ".join(axes + columns) + " |", "|" + "---|" * (len(axes) + len(columns))]
+    rows = []
     for run in runs:
         chosen = select(run["metrics"], patterns)
-        cells = [run["overrides"].get(a, "") for a in axes] + [_fmt(chosen.get(c)) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([run["overrides"].get(a, "") for a in axes] + [_fmt(chosen.get(c)) for c in columns])
+    return axes + columns, fixed, rows
+
+
+def markdown(runs: list[Run], patterns: list[str]) -> str:
+    """A Markdown table: the swept keys that vary as the first columns, then every selected metric.
+
+    Overrides shared by every run are listed once, above the table."""
+    header, fixed, rows = per_run_rows(runs, patterns)
+    lines = [f"Every run: {' '.join(fixed)}", ""] if fixed else []
+    return "\n".join(lines + _md_table(header, rows))
 
 
 def _pattern_order(patterns: list[str]) -> Any:
@@ -68,12 +144,150 @@ def _fmt(value: Any) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+# ------------------------------------------------------------------------------------------ pivot table
+
+
+def first_match(metrics: dict[str, Any], pattern: str) -> tuple[str, float] | None:
+    """The first numeric metric matching ``pattern`` (sorted by key), or None."""
+    found = select(metrics, [pattern])
+    return next(iter(found.items())) if found else None
+
+
+def pivot(runs: list[Run], rows: list[str], cols: list[str], patterns: list[str]) -> dict[str, Any]:
+    """``{"row_keys", "col_keys", "metrics", "cells": {(row, col, metric): [values]}, "labels": {pattern: key}}``.
+
+    Rows and columns keep the order in which their values first appear (the sweep's order)."""
+    row_keys: list[tuple[str, ...]] = []
+    col_keys: list[tuple[str, ...]] = []
+    cells: dict[tuple[Any, ...], list[float]] = {}
+    labels: dict[str, set[str]] = {p: set() for p in patterns}
+    for run in runs:
+        r = tuple(axis_value(run, a) for a in rows)
+        c = tuple(axis_value(run, a) for a in cols)
+        row_keys += [r] if r not in row_keys else []
+        col_keys += [c] if c not in col_keys else []
+        for pattern in patterns:
+            hit = first_match(run["metrics"], pattern)
+            if hit is not None:
+                labels[pattern].add(hit[0])
+                cells.setdefault((r, c, pattern), []).append(float(hit[1]))
+    names = {p: next(iter(k)) if len(k) == 1 else p for p, k in labels.items()}
+    return {"row_keys": row_keys, "col_keys": col_keys, "metrics": patterns, "cells": cells, "labels": names}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else None
+
+
+def _cell(values: list[float] | None, pm: str, digits: int, wrap: Callable[[str], str] = str) -> str:
+    if not values:
+        return ""
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "nan"
+    text = f"{mean:.{digits}g}" + ("" if std is None else f"{pm}{std:.2g}")
+    return wrap(text)
+
+
+def _column_headers(table: dict[str, Any], cols: list[str]) -> list[tuple[tuple[str, ...], str, str]]:
+    """(column key, metric pattern, header) for every column of the pivot table."""
+    out = []
+    for c in table["col_keys"]:
+        for pattern in table["metrics"]:
+            label = table["labels"][pattern]
+            name = ", ".join(f"{a}={v}" if len(cols) > 1 else v for a, v in zip(cols, c, strict=True))
+            out.append((c, pattern, (f"{name}: {label}" if len(table["metrics"]) > 1 else name) if cols else label))
+    return out
+
+
+def render_pivot(table: dict[str, Any], rows: list[str], cols: list[str], fmt: str, digits: int = 4) -> str:
+    """The pivot table as Markdown, LaTeX (booktabs) or long-form CSV."""
+    columns = _column_headers(table, cols)
+    if fmt == "csv":
+        return _csv_long(table, rows, cols)
+    counts = sorted({len(v) for v in table["cells"].values()})
+    note = f"mean ± std over {'/'.join(map(str, counts))} runs per cell" if counts != [1] else "one run per cell"
+    if fmt == "latex":
+        return _latex(table, rows, columns, digits, note)
+    header = [" / ".join(rows) or "run"] + [h for _, _, h in columns]
+    body = [
+        [" / ".join(r) or "all"] + [_cell(table["cells"].get((r, c, p)), " ± ", digits) for c, p, _ in columns]
+        for r in table["row_keys"]
+    ]
+    metric_note = ", ".join(table["labels"][p] for p in table["metrics"]) if cols else ""
+    title = f"{metric_note} ({note})" if metric_note else f"({note})"
+    return "\n".join([title, "", *_md_table(header, body)])
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _latex(table: dict[str, Any], rows: list[str], columns: list[Any], digits: int, note: str) -> str:
+    def esc(text: str) -> str:
+        return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+    lines = [
+        r"\begin{tabular}{l" + "c" * len(columns) + "}",
+        r"\toprule",
+        " & ".join([esc(" / ".join(rows) or "run")] + [esc(h) for _, _, h in columns]) + r" \\",
+        r"\midrule",
+    ]
+    for r in table["row_keys"]:
+        cells = [_cell(table["cells"].get((r, c, p)), r" \pm ", digits, lambda s: f"${s}$") for c, p, _ in columns]
+        lines.append(" & ".join([esc(" / ".join(r)), *cells]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", f"% {note}"]
+    return "\n".join(lines)
+
+
+def _csv_long(table: dict[str, Any], rows: list[str], cols: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*rows, *cols, "metric", "mean", "std", "n"])
+    for (r, c, pattern), values in table["cells"].items():
+        mean, std = mean_std(values)
+        writer.writerow([*r, *c, table["labels"][pattern], repr(mean), "" if std is None else repr(std), len(values)])
+    return out.getvalue().rstrip("\n")
+
+
+def render_per_run(runs: list[Run], patterns: list[str], fmt: str) -> str:
+    """The one-row-per-run table in the requested format."""
+    if fmt == "markdown":
+        return markdown(runs, patterns)
+    header, _, rows = per_run_rows(runs, patterns)
+    if fmt == "csv":
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows([header, *rows])
+        return out.getvalue().rstrip("\n")
+    lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]
+    lines += [" & ".join(r) + r" \\" for r in rows] + [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines).replace("_", r"\_")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--metrics", nargs="+", default=["train/loss", "val/bpd@*"])
+    parser.add_argument("sweep_dir", type=Path, nargs="?", help="a multirun directory (or any tree of run dirs)")
+    parser.add_argument("--metrics", "--metric", nargs="+", default=["train/loss", "val/bpd@*"])
+    parser.add_argument("--rows", nargs="+", default=[], help="axes of the rows (pivot table)")
+    parser.add_argument("--cols", nargs="+", default=[], help="axes of the columns (pivot table)")
+    parser.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown")
+    parser.add_argument("--digits", type=int, default=4, help="significant digits of the means")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from the W&B API instead")
+    parser.add_argument("--group", help="with --wandb: only this group (sweep)")
     args = parser.parse_args(argv)
-    print(markdown(load_runs(args.sweep_dir), args.metrics))
+    if args.wandb:
+        runs = load_wandb_runs(args.wandb, args.group)
+    elif args.sweep_dir is not None:
+        runs = load_runs(args.sweep_dir)
+    else:
+        parser.error("give a sweep directory or --wandb ENTITY/PROJECT")
+    if args.rows or args.cols:
+        table = pivot(runs, args.rows, args.cols, args.metrics)
+        print(render_pivot(table, args.rows, args.cols, args.format, args.digits))
+    else:
+        print(render_per_run(runs, args.metrics, args.format))
     return 0
 
 

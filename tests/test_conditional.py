@@ -30,8 +30,8 @@ def compose_cfg(config_name, overrides):
     ("overrides", "needle"),
     [
         (["experiment=toy2d", "cond.enabled=true"], "cond.enabled=true needs a dataset with class labels"),
-        (["cond.enabled=true", "cond.p_uncond=1.5"], "cond.p_uncond must be a probability in [0, 1], got 1.5"),
-        (["cond.p_uncond=-0.1"], "cond.p_uncond must be a probability in [0, 1]"),
+        (["cond.enabled=true", "cond.p_uncond=1.5"], "cond.p_uncond=1.5 is out of range; valid: a probability in [0, 1]"),
+        (["cond.p_uncond=-0.1"], "cond.p_uncond=-0.1 is out of range; valid: a probability in [0, 1]"),
         (["eval.guidance_scale=3"], "eval.guidance_scale=3.0 needs a class-conditional model"),
         (["experiment=toy2d", "eval.guidance_scale=1"], "valid value is eval.guidance_scale=null"),
         (["experiment=digits_cfg", "eval.guidance_scale=-1"], "valid values: null (no guidance) or a number >= 0"),
@@ -146,6 +146,7 @@ def test_conditional_run_logs_guided_metrics_with_nfe(cond_run):
         "guided": True,
         "guidance_scale": 2.0,
         "labels": "cycled over 0..9",
+        "ranks": 1,
     }
     assert saved["protocol"]["conditioning"]["num_classes"] == 10
     assert saved["protocol"]["conditioning"]["p_uncond"] == 0.1

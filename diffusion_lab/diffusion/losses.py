@@ -80,14 +80,16 @@ class DiffusionLoss:
         learned = schedule.learnable and torch.is_grad_enabled()
         ctx = schedule.variance_reduction() if learned else contextlib.nullcontext()
         with ctx as handle:
-            coefs = denoiser.coefficients(t, x0)
-            x_t = coefs.alpha * x0 + coefs.sigma * eps
+            with fp32(x0.device):  # α, σ, λ of a learned schedule would otherwise run in bf16 under autocast
+                coefs = denoiser.coefficients(t, x0)
+                x_t = coefs.alpha * x0 + coefs.sigma * eps
             net_out = denoiser.network_output(x_t, t, y, coefs)
-            param = denoiser.parameterization
-            sq_err = (net_out.out - param.target(x0, eps, coefs)).square().flatten(1).mean(1)
-            eps_mse = _scalar(param.eps_error_scale(coefs)) * sq_err
-            log_snr = schedule.log_snr(t)
-            unweighted = self._output_weight(denoiser, t, log_snr, coefs) * sq_err
+            with fp32(x0.device):  # the error, log-SNR and weighting in fp32 whatever the autocast precision
+                param = denoiser.parameterization
+                sq_err = (net_out.out.float() - param.target(x0, eps, coefs)).square().flatten(1).mean(1)
+                eps_mse = _scalar(param.eps_error_scale(coefs)) * sq_err
+                log_snr = schedule.log_snr(t)
+                unweighted = self._output_weight(denoiser, t, log_snr, coefs) * sq_err
             per_example = importance * unweighted
             if handle is not None:
                 handle.set_loss(per_example.detach())
@@ -102,7 +104,11 @@ class DiffusionLoss:
         )
 
     def _output_weight(self, denoiser: Denoiser, t: Tensor, log_snr: Tensor, coefs: Coefficients) -> Tensor:
-        """``factor_w(t)·k``, the multiplier of ``‖F̂ − F‖²`` in the network's output space ``(B,)``."""
+        """``factor_w(t)·k``, the multiplier of ``‖F̂ − F‖²`` in the network's output space ``(B,)`` (fp32)."""
+        with fp32(t.device):
+            return self._output_weight_fp32(denoiser, t, log_snr, coefs)
+
+    def _output_weight_fp32(self, denoiser: Denoiser, t: Tensor, log_snr: Tensor, coefs: Coefficients) -> Tensor:
         schedule, param = denoiser.schedule, denoiser.parameterization
         weight = self.weighting.factor(t, log_snr, schedule) * _scalar(param.eps_error_scale(coefs))
         terminal = torch.isneginf(log_snr)
@@ -131,6 +137,11 @@ class DiffusionLoss:
         t0 = torch.zeros(x0.shape[0], device=x0.device)
         nll = reconstruction_nll(x0, schedule, t0, self.decoder, generator)
         return (prior_kl(x0, schedule) + nll) / dims
+
+
+def fp32(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Autocast off on ``device``: schedule, log-SNR and weighting math stays fp32 under mixed precision."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _scalar(per_example: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from diffusion_lab.metrics import toy2d
 from diffusion_lab.metrics.digits import DigitsFrechetDistance
 from diffusion_lab.metrics.toy2d import DEFAULT_BANDWIDTHS
 
-__all__ = ["DigitsFDMetric", "SampleMetric", "Toy2DMetric", "format_count", "protocol_key"]
+__all__ = ["DigitsFDMetric", "SampleMetric", "Toy2DMetric", "format_count", "metric_key", "protocol_key"]
 
 
 @runtime_checkable
@@ -125,3 +125,11 @@ def protocol_key(prefix: str, name: str, num_samples: int, nfe: int) -> str:
         raise ValueError(f"nfe must be positive, got {nfe}")
     key = f"{name}@{format_count(num_samples)}_nfe{nfe}"
     return f"{prefix}/{key}" if prefix else key
+
+
+def metric_key(prefix: str, name: str, num_samples: int, nfe: int, suffix: str = "") -> str:
+    """:func:`protocol_key` plus ``suffix`` (e.g. ``"_cfg3"``), except that a ``name`` already carrying its
+    protocol (an ``@``, like ``"fid_floor@1k"``, which involves no sampler) is only prefixed."""
+    if "@" in name:
+        return f"{prefix}/{name}" if prefix else name
+    return protocol_key(prefix, name, num_samples, nfe) + suffix

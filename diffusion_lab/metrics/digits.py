@@ -50,6 +50,7 @@ __all__ = [
     "class_coverage",
     "class_entropy",
     "class_histogram",
+    "classifier_path",
     "digits_split",
     "load_or_train_classifier",
     "train_digits_classifier",
@@ -216,6 +217,14 @@ def _try_load(path: Path, cfg: DigitsClassifierConfig) -> tuple[DigitsCNN, dict]
     return model.eval(), dict(payload["info"])
 
 
+def classifier_path(
+    cache_dir: str | os.PathLike[str] | None = None, cfg: DigitsClassifierConfig = DigitsClassifierConfig()
+) -> Path:
+    """``<cache_dir>/digits_cnn-v<VERSION>-<cfg.cache_key()>.pt`` (default dir :data:`DEFAULT_CACHE_DIR`)."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR.expanduser()
+    return root / f"digits_cnn-v{VERSION}-{cfg.cache_key()}.pt"
+
+
 def load_or_train_classifier(
     cache_dir: str | os.PathLike[str] | None = None, cfg: DigitsClassifierConfig = DigitsClassifierConfig()
 ) -> tuple[DigitsCNN, dict, bool]:
@@ -227,8 +236,7 @@ def load_or_train_classifier(
     Returns:
         ``(model, info, loaded_from_cache)``; ``info`` has ``val_accuracy`` and ``train_seconds``.
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR.expanduser()
-    path = root / f"digits_cnn-v{VERSION}-{cfg.cache_key()}.pt"
+    path = classifier_path(cache_dir, cfg)
     cached = _try_load(path, cfg)
     if cached is not None:
         return cached[0], cached[1], True

@@ -1,0 +1,304 @@
+"""Crash-safe checkpoints and bit-exact resume.
+
+- :class:`AtomicCheckpointIO`: every checkpoint is written to a hidden temp file in the target
+  directory, flushed, ``fsync``-ed and moved over the target with ``os.replace`` (atomic on POSIX), so a
+  crash mid-write leaves the previous ``last.ckpt`` intact and no partial ``*.ckpt`` file.
+- :func:`checkpoint_callbacks`: ``last.ckpt`` every ``checkpoint_every_n_steps``, the ``keep_last_k``
+  newest step checkpoints, and the best ``save_top_k`` by ``monitor``/``mode``.
+- :class:`ExactResume`: stores what Lightning leaves out — the global RNG states (torch CPU/CUDA, numpy,
+  python) and the W&B run id — and restores the RNGs on resume.
+- :class:`EpochSeededSampler`: the training order is a function of ``(seed, epoch)`` and skips the batches
+  already consumed in the interrupted epoch, so a resumed run sees exactly the batches an uninterrupted
+  one would (Lightning does not fast-forward an ordinary ``DataLoader``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Sampler
+
+TMP_PREFIX = ".tmp-"  # temp files never end in .ckpt, so a crash leaves no file that looks like a checkpoint
+RNG_KEY = "diffusion_lab_rng"
+WANDB_KEY = "wandb_run_id"
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` through a temp file in the same directory + fsync + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself (the directory entry); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete temp files a killed process left behind in ``directory``; returns what was removed."""
+    directory = Path(directory)
+    stale = sorted(directory.glob(f"{TMP_PREFIX}*")) if directory.is_dir() else []
+    for p in stale:
+        with contextlib.suppress(OSError):
+            p.unlink()
+    return stale
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO whose writes are atomic (see :func:`atomic_torch_save`)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_torch_save(checkpoint, path)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two save steps, so the
+    final weights are always on disk (not the ones of the last multiple of ``every_n_train_steps``)."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and trainer.global_step != self._last_global_step_saved and not trainer.sanity_checking:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def checkpoint_callbacks(
+    dirpath: str | Path,
+    every_n_steps: int,
+    keep_last_k: int = 0,
+    monitor: str | None = None,
+    mode: str = "min",
+    save_top_k: int = 1,
+) -> list[ModelCheckpoint]:
+    """``last.ckpt`` every ``every_n_steps`` (+ the ``keep_last_k`` newest ``step=N.ckpt``) and, when
+    ``monitor`` is set, the ``save_top_k`` best ``best-step=N.ckpt`` by that logged metric."""
+    dirpath = str(dirpath)
+    remove_stale_temp_files(dirpath)
+    # Lightning's trick for "newest k": rank checkpoints by the step counter itself.
+    periodic = LastCheckpoint(
+        dirpath=dirpath,
+        filename="{step}",
+        save_last=True,
+        save_top_k=keep_last_k,
+        monitor="step" if keep_last_k > 0 else None,
+        mode="max",
+        every_n_train_steps=every_n_steps,
+        auto_insert_metric_name=True,
+    )
+    callbacks: list[ModelCheckpoint] = [periodic]
+    if monitor:
+        best = ModelCheckpoint(
+            dirpath=dirpath,
+            filename="best-{step}",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=save_top_k,
+            save_last=False,
+            every_n_train_steps=every_n_steps,
+        )
+        callbacks.append(best)
+    return callbacks
+
+
+# ---------------------------------------------------------------------------------------------- RNG state
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states training draws from (noise, t, label dropout, dropout): torch, CUDA, numpy, python.
+
+    Stored as plain tensors/containers so ``torch.load(weights_only=True)`` reads them back.
+    """
+    np_state: Any = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(n["pos"]), int(n["has_gauss"]), float(n["cached_gaussian"])))
+    random.setstate(_python_state_from_plain(states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _python_state_to_plain(state: tuple[Any, ...]) -> dict[str, Any]:
+    version, internal, gauss = state
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def _python_state_from_plain(plain: dict[str, Any]) -> tuple[Any, ...]:
+    return (int(plain["version"]), tuple(int(v) for v in plain["internal"]), plain["gauss"])
+
+
+class ExactResume(L.Callback):
+    """Saves the global RNG states and the W&B run id in every checkpoint; restores the RNGs on resume.
+
+    Lightning itself restores weights, optimizer, LR scheduler, loop counters and module extras (EMA,
+    importance-sampler history); with these and :class:`EpochSeededSampler` a resumed run is bit-identical.
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_KEY] = rng_states()
+        run_id = wandb_run_id(trainer)
+        if run_id is not None:
+            checkpoint[WANDB_KEY] = run_id
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if RNG_KEY in checkpoint:
+            set_rng_states(checkpoint[RNG_KEY])
+
+
+def wandb_run_id(trainer: L.Trainer) -> str | None:
+    """The id of the trainer's W&B run, or None without a W&B logger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return str(logger.version) if logger.version is not None else None
+    return None
+
+
+def stored_wandb_run_id(ckpt_path: str | Path | None) -> str | None:
+    """The W&B run id a checkpoint was written under (None if absent or no checkpoint)."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    run_id = ckpt.get(WANDB_KEY)
+    return str(run_id) if run_id is not None else None
+
+
+def resolve_resume(ckpt_path: str | None, resume: bool, run_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path`` if given, else ``<run_dir>/checkpoints/last.ckpt`` when
+    ``resume=true`` and it exists (a fresh start otherwise)."""
+    if ckpt_path:
+        return ckpt_path
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return str(last) if resume and last.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------ data order
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffled indices whose order depends only on ``(seed, epoch)``; resumes mid-epoch by skipping.
+
+    ``position()`` returns ``(epoch, batches already consumed in it, rank, world_size)`` when an
+    iterator is created; with ``world_size > 1`` each rank takes every ``world_size``-th index of the
+    same permutation (truncated to a multiple of ``world_size``), as ``DistributedSampler`` does.
+
+    Args:
+        num_samples: dataset length N.
+        batch_size: samples per batch (to turn consumed batches into consumed indices).
+        seed: shuffling seed.
+        position: callable giving the loop position (see above).
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int, position: Callable[[], tuple[int, int, int, int]]
+    ) -> None:
+        self.num_samples, self.batch_size, self.seed, self.position = num_samples, batch_size, seed, position
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The epoch's full permutation of ``range(N)`` (N,) long."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, consumed, rank, world = self.position()
+        per_rank = self.num_samples // world
+        indices = self.permutation(epoch)[: per_rank * world][rank::world]
+        if consumed * self.batch_size >= per_rank:  # a checkpoint at the very end of an epoch
+            indices = self.permutation(epoch + 1)[: per_rank * world][rank::world]
+            consumed = 0
+        yield from indices[consumed * self.batch_size :].tolist()
+
+    def __len__(self) -> int:
+        _, _, _, world = self.position()
+        return self.num_samples // world
+
+
+def loop_position(trainer: L.Trainer) -> tuple[int, int, int, int]:
+    """``(epoch, batches consumed in it, rank, world_size)`` of a trainer's fit loop."""
+    # Reset to 0 at every epoch start; on resume, the restored count of batches trained in the epoch.
+    consumed = int(getattr(trainer.fit_loop.epoch_loop.batch_progress.current, "processed", 0))
+    return trainer.current_epoch, consumed, trainer.global_rank, trainer.world_size
+
+
+def make_train_loader_resumable(datamodule: Any, trainer: L.Trainer) -> None:
+    """Wrap ``datamodule.train_dataloader`` so its loader draws from an :class:`EpochSeededSampler`.
+
+    The loader keeps batch size, ``drop_last``, workers and collate function; only the order changes (to
+    one a checkpoint can reproduce). The trainer must be built with ``use_distributed_sampler=False``.
+    """
+    original = datamodule.train_dataloader
+
+    def train_dataloader() -> DataLoader[Any]:
+        loader: DataLoader[Any] = original()
+        assert loader.batch_size is not None
+        sampler = EpochSeededSampler(
+            len(loader.dataset),  # type: ignore[arg-type]
+            loader.batch_size,
+            int(getattr(datamodule, "seed", 0)),
+            lambda: loop_position(trainer),
+        )
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=sampler,
+            drop_last=loader.drop_last,
+            num_workers=loader.num_workers,
+            persistent_workers=loader.persistent_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            # Its own generator: creating an iterator (which a resume does at a different time) then
+            # draws the workers' base seed from it instead of from the global RNG that training uses.
+            generator=torch.Generator().manual_seed(int(getattr(datamodule, "seed", 0))),
+        )
+
+    datamodule.train_dataloader = train_dataloader

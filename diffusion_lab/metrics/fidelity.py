@@ -1,0 +1,423 @@
+"""FID, Inception Score, KID and precision/recall through torch-fidelity, with cached reference statistics.
+
+Protocol (what a reported ``val/fid@N_nfeK`` means):
+
+- Features: torch-fidelity's ``inception-v3-compat`` (the TF-Inception port of Heusel et al. 2017, bit-compatible
+  with the original FID code), layer ``2048`` for FID/KID/precision-recall and ``logits_unbiased`` for IS.
+  Another ``feature_layer`` (``64``, ``192``, ``768``; pytorch-fid's ``--dims``) renames the keys ``fid<layer>``,
+  ``kid<layer>``, ``precision<layer>``, ``recall<layer>``.
+  Precision/recall (Kynkäänniemi et al. 2019) are computed in the same Inception-2048 space, not the paper's VGG16.
+- Images: ``(N, C, H, W)`` in ``[-1, 1]`` become uint8 ``round((x + 1) · 127.5)``; grayscale is repeated to 3
+  channels; torch-fidelity resizes to 299×299 as TF1 did.
+- Reference: the training split handed in as ``reference``; its features/statistics are cached on disk under
+  ``<cache_dir>/<reference_name>-<content hash>-<H>px-w<weights hash>-…`` (torch-fidelity's own cache), so a
+  second evaluation against the same data, resolution and weights never recomputes them.
+- Noise floor: ``fid_floor@N`` is the FID of ``N`` random training images (``N`` = the sample count, a fixed
+  seeded subset) against the full reference: the FID a perfect generator would score with that many samples.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_fidelity
+from torch import Tensor
+from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from diffusion_lab.metrics.base import format_count
+from diffusion_lab.metrics.digits import _RESIZERS as DIGITS_RESIZERS
+from diffusion_lab.metrics.digits import DigitsCNN, load_or_train_classifier
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "INCEPTION",
+    "INCEPTION_WEIGHTS_FILE",
+    "INCEPTION_WEIGHTS_URL",
+    "DigitsFeatureExtractor",
+    "FidelityMetric",
+    "InceptionWeightsError",
+    "UInt8Images",
+    "digits_extractor_name",
+    "file_digest",
+    "images_digest",
+    "resolve_inception_weights",
+    "to_uint8",
+]
+
+log = logging.getLogger(__name__)
+
+INCEPTION = "inception-v3-compat"
+INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
+INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
+DEFAULT_CACHE_DIR = Path("~/.cache/diffusion_lab/fidelity")
+_CHUNK = 4096
+
+
+class InceptionWeightsError(RuntimeError):
+    """The InceptionV3 weights are neither at ``metrics.inception_weights`` nor downloadable."""
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """``(N, C, H, W)`` in ``[-1, 1]`` (C = 1 or 3) -> uint8 ``(N, 3, H, W)``, ``round((x + 1) · 127.5)``."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected (N, 1 or 3, H, W) images in [-1, 1], got shape {tuple(images.shape)}")
+    x = ((images.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+class UInt8Images(Dataset):
+    """Dataset over ``(N, C, H, W)`` images in ``[-1, 1]`` returning uint8 ``(3, H, W)`` (torch-fidelity's input)."""
+
+    def __init__(self, images: Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> Tensor:
+        return to_uint8(self.images[i : i + 1])[0].contiguous()
+
+
+def images_digest(images: Tensor) -> str:
+    """16 hex digits of the sha256 of the uint8 images and their shape (what the reference cache is keyed by)."""
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    for chunk in images.split(_CHUNK):
+        h.update(to_uint8(chunk).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """16 hex digits of a file's sha256 (memoised on path, size and mtime)."""
+    st = Path(path).stat()
+    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _weights_help(reason: str) -> str:
+    return (
+        f"{reason}. metrics=fid needs torch-fidelity's InceptionV3 weights ({INCEPTION}), the file "
+        f"{INCEPTION_WEIGHTS_FILE} (~96 MB) from {INCEPTION_WEIGHTS_URL}. Download it where there is network "
+        f"access and set metrics.inception_weights=/path/to/{INCEPTION_WEIGHTS_FILE} "
+        f"(or place it at {_hub_weights_path()})."
+    )
+
+
+def _hub_weights_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+
+def _download(dst: Path, timeout: float) -> None:
+    """Download the Inception weights to ``dst``; ``timeout`` bounds every socket operation (never a hang)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(dst), progress=False)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def resolve_inception_weights(path: str | Path | None, timeout: float = 60.0) -> Path:
+    """The local InceptionV3 weights file: ``path`` (``metrics.inception_weights``) if given, else torch hub's copy,
+    downloaded once if missing.
+
+    Raises:
+        InceptionWeightsError: ``path`` does not exist, or there is no local copy and the download fails; the
+            message names ``metrics.inception_weights`` and the expected file.
+    """
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise InceptionWeightsError(_weights_help(f"metrics.inception_weights={path} is not a file"))
+        return p
+    hub = _hub_weights_path()
+    if hub.is_file():
+        return hub
+    try:
+        _download(hub, timeout)
+    except Exception as err:  # URLError, timeouts, HTTP errors: all mean "no weights here"
+        raise InceptionWeightsError(
+            _weights_help(f"metrics.inception_weights=null and downloading the weights failed ({err!r})")
+        ) from err
+    return hub
+
+
+# ------------------------------------------------------------------------ digits classifier in torch-fidelity
+
+
+class DigitsFeatureExtractor(FeatureExtractorBase):
+    """:class:`~diffusion_lab.metrics.digits.DigitsCNN` as a torch-fidelity feature extractor.
+
+    Input uint8 ``(B, 3, H, W)`` (channel 0 is used) -> ``[-1, 1]`` -> 8×8 by :attr:`resize` -> features
+    ``"features"`` ``(B, feature_dim)`` (FID/KID/PRC) and ``"logits"`` ``(B, 10)`` (IS). Registered as
+    ``digits-cnn-pool`` and ``digits-cnn-center_crop``; ``feature_extractor_weights_path`` is a classifier cache
+    file written by :func:`~diffusion_lab.metrics.digits.load_or_train_classifier` (``None``: the default cache,
+    trained there if absent).
+    """
+
+    resize = "pool"
+
+    def __init__(
+        self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            model, _, _ = load_or_train_classifier()
+        else:
+            payload = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
+            config = payload["config"]
+            model = DigitsCNN(config["width"], config["feature_dim"])
+            model.load_state_dict(payload["state_dict"])
+        self.model = model.eval().requires_grad_(False)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("features", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> Tensor:
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """uint8 ``(B, 3, H, W)`` -> the requested features, in :attr:`features_list` order."""
+        images = x[:, :1].float() / 127.5 - 1.0
+        f = self.model.features(DIGITS_RESIZERS[self.resize](images))
+        out = {"features": f, "logits": self.model.head(f)}
+        return tuple(out[name] for name in self.features_list)
+
+
+def digits_extractor_name(resize: str) -> str:
+    """torch-fidelity name of the digits extractor for a resize rule: ``"pool"`` -> ``"digits-cnn-pool"``."""
+    if resize not in DIGITS_RESIZERS:
+        raise ValueError(f"unknown resize {resize!r}; valid choices: {sorted(DIGITS_RESIZERS)}")
+    return f"digits-cnn-{resize}"
+
+
+def _register_digits_extractors() -> None:
+    """Register one extractor class per resize rule (idempotent: torch-fidelity refuses duplicates)."""
+    for resize in DIGITS_RESIZERS:
+        name = digits_extractor_name(resize)
+        if name not in FEATURE_EXTRACTORS_REGISTRY:
+            cls = type(f"DigitsFeatureExtractor_{resize}", (DigitsFeatureExtractor,), {"resize": resize})
+            torch_fidelity.register_feature_extractor(name, cls)
+
+
+_register_digits_extractors()
+
+
+# ------------------------------------------------------------------------------------------- the metric
+
+# torch-fidelity result key -> our metric name; {L} is the feature layer when it is not the standard 2048.
+_RENAME = {
+    torch_fidelity.KEY_METRIC_FID: "fid{L}",
+    torch_fidelity.KEY_METRIC_ISC_MEAN: "inception_score",
+    torch_fidelity.KEY_METRIC_ISC_STD: "inception_score_std",
+    torch_fidelity.KEY_METRIC_KID_MEAN: "kid{L}",
+    torch_fidelity.KEY_METRIC_KID_STD: "kid{L}_std",
+    torch_fidelity.KEY_METRIC_PRECISION: "precision{L}",
+    torch_fidelity.KEY_METRIC_RECALL: "recall{L}",
+}
+
+
+def _safe(name: str) -> str:
+    """A cache-file-name-safe version of ``name``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "reference"
+
+
+class FidelityMetric:
+    """FID / IS / KID / precision-recall of samples vs a reference set, by ``torch_fidelity.calculate_metrics``.
+
+    Args:
+        inception_weights: local path of :data:`INCEPTION_WEIGHTS_FILE` (``metrics.inception_weights``);
+            ``None`` uses torch hub's copy, downloading it once (a clear :class:`InceptionWeightsError` offline).
+        cache_dir: reference features/statistics cache (default :data:`DEFAULT_CACHE_DIR`).
+        fid, isc, kid, prc: which metrics to compute.
+        noise_floor: also report ``fid_floor@N`` (and ``kid_floor@N``), ``N`` = the sample count.
+        feature_layer: Inception layer of FID/KID/PRC (``"2048"`` is standard; others add the layer to the keys).
+        kid_subset_size: KID subset size (capped at the sample and reference counts).
+        isc_splits: Inception Score splits.
+        batch_size: feature-extraction batch size.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        reference_name: readable prefix of the reference cache entry (e.g. ``"cifar10-train"``); the content hash
+            and resolution are always added.
+        seed: torch-fidelity's ``rng_seed`` (IS/KID splits) and the noise-floor subset.
+        max_reference: reference images the training callback hands in (``None``: all of them).
+        verbose: torch-fidelity progress output.
+    """
+
+    name = "fid"
+
+    def __init__(
+        self,
+        inception_weights: str | None = None,
+        cache_dir: str | None = None,
+        fid: bool = True,
+        isc: bool = True,
+        kid: bool = True,
+        prc: bool = False,
+        noise_floor: bool = True,
+        feature_layer: str = "2048",
+        kid_subset_size: int = 1000,
+        isc_splits: int = 10,
+        batch_size: int = 64,
+        device: str = "auto",
+        reference_name: str = "reference",
+        seed: int = 0,
+        max_reference: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if not (fid or isc or kid or prc):
+            raise ValueError("metrics=fid: enable at least one of fid, isc, kid, prc")
+        self.inception_weights, self.cache_dir = inception_weights, cache_dir
+        self.fid, self.isc, self.kid, self.prc, self.noise_floor = fid, isc, kid, prc, noise_floor
+        self.feature_layer, self.kid_subset_size, self.isc_splits = str(feature_layer), kid_subset_size, isc_splits
+        self.batch_size, self.device, self.reference_name, self.seed = batch_size, device, reference_name, seed
+        self.max_reference, self.verbose = max_reference, verbose
+        self._weights: Path | None = None
+
+    # -- protocol ------------------------------------------------------------------------------------------
+    def key(self, torch_fidelity_key: str) -> str:
+        """Our name of a torch-fidelity result: ``"fid"``, or ``"fid64"`` when computed on layer ``64``."""
+        return _RENAME[torch_fidelity_key].format(L="" if self.feature_layer == "2048" else self.feature_layer)
+
+    @property
+    def weights_path(self) -> Path:
+        """The resolved InceptionV3 weights file (downloaded on first access if needed)."""
+        if self._weights is None:
+            self._weights = resolve_inception_weights(self.inception_weights)
+        return self._weights
+
+    def check_ready(self) -> None:
+        """Locate the Inception weights now (a clear :class:`InceptionWeightsError` before any sampling)."""
+        _ = self.weights_path
+
+    @property
+    def extractor_id(self) -> str:
+        """``inception-v3-compat-<weights sha256[:16]>`` (``…-unresolved`` before the weights were located)."""
+        digest = file_digest(self._weights) if self._weights is not None else "unresolved"
+        return f"{INCEPTION}-{digest}"
+
+    @property
+    def extractor(self) -> FidelityMetric:
+        """Itself (the training summary reads ``metric.extractor.extractor_id``)."""
+        return self
+
+    def reference_cache_name(self, reference: Tensor) -> str:
+        """``<reference_name>-<content hash>-<H>px-w<weights hash>``: dataset + split + resolution + weights."""
+        res = (
+            f"{reference.shape[-2]}px"
+            if reference.shape[-2] == reference.shape[-1]
+            else "x".join(map(str, reference.shape[-2:]))
+        )
+        return f"{_safe(self.reference_name)}-{images_digest(reference)}-{res}-w{file_digest(self.weights_path)}"
+
+    # -- computation ---------------------------------------------------------------------------------------
+    def _kwargs(self, n1: int, n2: int) -> dict[str, Any]:
+        cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        root = Path(self.cache_dir).expanduser() if self.cache_dir is not None else DEFAULT_CACHE_DIR.expanduser()
+        return {
+            "feature_extractor": INCEPTION,
+            "feature_extractor_weights_path": str(self.weights_path),
+            "feature_layer_fid": self.feature_layer,
+            "feature_layer_kid": self.feature_layer,
+            "feature_layer_prc": self.feature_layer,
+            "kid_subset_size": min(self.kid_subset_size, n1, n2),
+            "isc_splits": self.isc_splits,
+            "batch_size": self.batch_size,
+            "cuda": cuda,
+            "cache_root": str(root),
+            "cache": True,
+            "save_cpu_ram": True,  # no DataLoader worker processes
+            "rng_seed": self.seed,
+            "verbose": self.verbose,
+        }
+
+    def _rename(self, raw: dict[str, float], suffix: str = "") -> dict[str, float]:
+        return {f"{self.key(k)}{suffix}": float(v) for k, v in raw.items() if k in _RENAME}
+
+    def compute(self, samples: Tensor, reference: Tensor) -> dict[str, float]:
+        """``samples (N, C, H, W)``, ``reference (M, C, H, W)`` in ``[-1, 1]`` -> ``{fid, inception_score, kid, …}``
+        plus ``fid_floor@N`` when :attr:`noise_floor` (that key already carries its protocol: no NFE applies).
+        """
+        ref_name = self.reference_cache_name(reference)
+        kwargs = self._kwargs(len(samples), len(reference))
+        raw = torch_fidelity.calculate_metrics(
+            input1=UInt8Images(samples), input2=UInt8Images(reference), input2_cache_name=ref_name,
+            fid=self.fid, isc=self.isc, kid=self.kid, prc=self.prc, **kwargs,
+        )  # fmt: skip
+        out = self._rename(raw)
+        if self.noise_floor:
+            out |= self.floor(len(samples), reference, ref_name)
+        return out
+
+    def floor(self, n: int, reference: Tensor, ref_name: str | None = None) -> dict[str, float]:
+        """``{fid_floor@n, kid_floor@n}``: a seeded ``n``-subset of ``reference`` scored against all of it.
+
+        Empty (with a warning) when ``n >= len(reference)`` or only IS is enabled. Both entries are cached.
+        """
+        if n >= len(reference) or n < 2 or not (self.fid or self.kid):
+            if self.fid or self.kid:
+                log.warning("no noise floor: %d samples >= %d reference images", n, len(reference))
+            return {}
+        ref_name = ref_name or self.reference_cache_name(reference)
+        idx = torch.randperm(len(reference), generator=torch.Generator().manual_seed(self.seed))[:n]
+        raw = torch_fidelity.calculate_metrics(
+            input1=UInt8Images(reference[idx]), input1_cache_name=f"{ref_name}-subset{n}-seed{self.seed}",
+            input2=UInt8Images(reference), input2_cache_name=ref_name,
+            fid=self.fid, kid=self.kid, **self._kwargs(n, len(reference)),
+        )  # fmt: skip
+        return {f"{k}_floor@{format_count(n)}": v for k, v in self._rename(raw).items() if not k.endswith("_std")}
+
+    def prepare_reference(self, reference: Tensor, num_samples: int) -> dict[str, Any]:
+        """Compute and cache the reference features/statistics (and the noise floor for ``num_samples``).
+
+        Returns ``{"cache_name", "cache_dir", "fid_floor@N", …}``.
+        """
+        ref_name = self.reference_cache_name(reference)
+        floor = self.floor(num_samples, reference, ref_name)
+        if not floor:  # still fill the cache: score the reference against itself
+            n = min(len(reference), max(num_samples, 2))
+            torch_fidelity.calculate_metrics(
+                input1=UInt8Images(reference[:n]), input2=UInt8Images(reference), input2_cache_name=ref_name,
+                fid=self.fid, kid=self.kid, prc=self.prc, isc=not (self.fid or self.kid or self.prc),
+                **self._kwargs(n, len(reference)),
+            )  # fmt: skip
+        return {"cache_name": ref_name, "cache_dir": self._kwargs(2, 2)["cache_root"], **floor}
+
+    def protocol(self) -> dict[str, Any]:
+        """The feature half of the protocol: extractor, weights hash, layers, KID/IS settings."""
+        return {
+            "feature_extractor": self.extractor_id,
+            "feature_layer": self.feature_layer,
+            "metrics": [m for m in ("fid", "isc", "kid", "prc") if getattr(self, m)],
+            "kid_subset_size": self.kid_subset_size,
+            "isc_splits": self.isc_splits,
+            "reference_name": self.reference_name,
+            "implementation": f"torch-fidelity {torch_fidelity.__version__}",
+        }

@@ -1,0 +1,229 @@
+"""Experiment tracking: the run's loggers (CSV + W&B) and its local ``summary.json``.
+
+Every run is described the same way to W&B and to the local summary, so a sweep can be tabulated
+from either (``scripts/make_table.py``):
+
+- ``group``: the sweep (``logger.wandb.group`` if set; in a Hydra multirun ``<name>/<sweep dir>``, or the
+  sweep dir's name when it already is ``name``; else ``name``);
+- ``job_type``: ``train`` / ``sample`` / ``eval`` (``logger.wandb.job_type``);
+- ``tags``: one ``axis:option`` per ablation axis chosen through Hydra's config groups
+  (``schedule:cosine``, ``parameterization:v``) plus one ``key:value`` per plain command-line override
+  (``weighting.gamma:5``), then ``logger.wandb.tags``;
+- the full resolved config, Hydra's group choices and overrides, and the final metrics.
+
+Nothing here imports the diffusion code; it only needs the composed config.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+# Config groups that are axes of an ablation: their Hydra choice becomes a W&B tag ``axis:option``.
+ABLATION_AXES = (
+    "experiment",
+    "sweep",
+    "dataset",
+    "schedule",
+    "parameterization",
+    "weighting",
+    "time_sampler",
+    "sampler",
+    "model",
+    "metrics",
+)
+# Overrides that say where or how a run is stored, not what it is: never tags.
+_NOT_TAGS = (
+    "hydra.",
+    "name",
+    "ckpt_path",
+    "logger.",
+    "out_dir",
+    "seed",
+    "optimize_metric",
+    "trainer.enable_progress_bar",
+)
+_MAX_TAG_LEN = 64  # W&B refuses longer tags
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """How one run is filed: W&B ``group``/``job_type``/``tags`` and the Hydra context they come from."""
+
+    name: str
+    group: str
+    job_type: str
+    tags: list[str]
+    choices: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    sweep_dir: str | None = None
+    job_num: int | None = None
+
+
+def hydra_context() -> dict[str, Any]:
+    """Group choices, task overrides, sweep dir and job number of the running Hydra job ({} outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    choices = {k: str(v) for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra")}
+    return {
+        "choices": {k: v for k, v in choices.items() if not k.startswith("schema")},
+        "overrides": list(hc.overrides.task),
+        "sweep_dir": str(hc.sweep.dir) if multirun else None,
+        "job_num": int(hc.job.num) if multirun else None,
+    }
+
+
+def ablation_tags(choices: Mapping[str, str], overrides: Sequence[str], extra: Iterable[str] = ()) -> list[str]:
+    """``axis:option`` for the chosen ablation groups, ``key:value`` for plain overrides, then ``extra``."""
+    tags = [f"{axis}:{choices[axis]}" for axis in ABLATION_AXES if axis in choices]
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if sep and key not in choices and not key.startswith(_NOT_TAGS):
+            tags.append(f"{key}:{value}")
+    tags += list(extra)
+    return list(dict.fromkeys(t for t in tags if len(t) <= _MAX_TAG_LEN))
+
+
+def sweep_group(name: str, sweep_dir: str | None) -> str:
+    """The W&B group of a run: its sweep (``name`` or ``name/<sweep dir>``), or ``name`` outside a sweep."""
+    if sweep_dir is None:
+        return name
+    base = Path(sweep_dir).name
+    return base if base == name else f"{name}/{base}"
+
+
+def run_info(cfg: DictConfig, job_type: str | None = None) -> RunInfo:
+    """The run's :class:`RunInfo` from its config and (when running under Hydra) Hydra's runtime."""
+    ctx = hydra_context()
+    wb = cfg.get("logger", {}).get("wandb") if "logger" in cfg else None
+    name = str(cfg.get("name", "default"))
+    group = wb.group if wb is not None and wb.group else sweep_group(name, ctx.get("sweep_dir"))
+    kind = job_type or (wb.job_type if wb is not None else "train")
+    extra = list(wb.tags) if wb is not None else []
+    tags = ablation_tags(ctx.get("choices", {}), ctx.get("overrides", []), extra)
+    return RunInfo(name, group, kind, tags, ctx.get("choices", {}), ctx.get("overrides", []),
+                   ctx.get("sweep_dir"), ctx.get("job_num"))  # fmt: skip
+
+
+def wandb_mode(requested: str) -> str:
+    """``auto`` → ``online`` when an API key is configured (env or ~/.netrc), else ``offline``."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return "online" if netrc.is_file() and "api.wandb.ai" in netrc.read_text() else "offline"
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain containers, interpolations resolved, enums as strings."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def build_loggers(
+    cfg: DictConfig, run_dir: Path, info: RunInfo | None = None, wandb_id: str | None = None
+) -> list[Logger]:
+    """CSV metrics in the run dir, plus W&B (offline unless logged in) with the resolved config,
+    the run's group, job type and ablation tags (see the module docstring). ``wandb_id``: continue that
+    W&B run (a resumed checkpoint's run, ``resume="allow"``)."""
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    wb = cfg.logger.wandb
+    mode = wandb_mode(str(getattr(wb.mode, "value", wb.mode))) if wb is not None else "disabled"
+    if wb is not None and mode != "disabled":
+        info = info or run_info(cfg)
+        logger = WandbLogger(
+            project=wb.project,
+            entity=wb.entity,
+            group=info.group,
+            tags=info.tags,
+            job_type=info.job_type,
+            name=f"{cfg.name}-{run_dir.name}",
+            save_dir=str(run_dir),
+            mode=mode,
+            id=wandb_id,
+            resume="allow" if wandb_id else None,
+        )
+        logger.log_hyperparams({**resolved_config(cfg), "hydra_choices": info.choices, "overrides": info.overrides})
+        loggers.append(logger)
+    return loggers
+
+
+def write_summary(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Write ``metrics.json`` (final metrics with protocol) atomically and return its path."""
+    return _write_json(run_dir / "metrics.json", metrics)
+
+
+def _write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of a metrics dict (protocol, paths and flags left out)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def write_run_summary(
+    run_dir: Path, cfg: DictConfig | Mapping[str, Any], metrics: Mapping[str, Any], info: RunInfo
+) -> Path:
+    """``summary.json``: what the run was (config, group choices, overrides, tags) and what it scored.
+
+    The local mirror of the W&B run: ``scripts/make_table.py`` builds tables from it offline."""
+    config = resolved_config(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    summary = {**asdict(info), "run_dir": str(run_dir), "config": config, "metrics": dict(metrics)}
+    return _write_json(run_dir / SUMMARY_FILE, summary)
+
+
+def finish_run(
+    run_dir: Path,
+    cfg: DictConfig,
+    metrics: Mapping[str, Any],
+    loggers: Sequence[Logger],
+    info: RunInfo | None = None,
+) -> Path:
+    """Write ``summary.json``, copy the final metrics into each W&B run's summary (with the final sample
+    grid as media) and close the W&B run, so the next job of a sweep in this process gets its own run."""
+    info = info or run_info(cfg)
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            run.summary.update(scalar_metrics(metrics))
+            grid = run_dir / "samples_ema.png"
+            if grid.is_file():
+                import wandb
+
+                run.summary["samples/final"] = wandb.Image(str(grid))
+            run.finish()
+    return write_run_summary(run_dir, cfg, metrics, info)
+
+
+def objective(metrics: Mapping[str, Any], pattern: str | None) -> float | None:
+    """The value a sweeper optimises: the metric matching ``pattern`` (``*`` allowed), None when unset.
+
+    A missing or non-finite metric is ``nan`` (Optuna records the trial as failed)."""
+    if pattern is None:
+        return None
+    values = [v for k, v in sorted(scalar_metrics(metrics).items()) if fnmatch.fnmatchcase(k, pattern)]
+    if len(values) > 1:
+        raise ValueError(f"optimize_metric={pattern!r} matches {len(values)} metrics; make it specific")
+    return values[0] if values and math.isfinite(values[0]) else float("nan")

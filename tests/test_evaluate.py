@@ -1,0 +1,222 @@
+"""Evaluation: DDP-sharded sampling in the callback, and dlab-evaluate's sample-quality scores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_lab.callbacks.evaluation import shard_indices
+from diffusion_lab.metrics import metric_key
+
+TINY_TOY = [
+    "experiment=toy2d",
+    "model.hidden=32",
+    "model.num_layers=2",
+    "dataset.num_train=2048",
+    "dataset.num_val=256",
+]
+
+
+def test_shards_are_disjoint_and_cover_every_index() -> None:
+    for n, w in [(11, 2), (8, 3), (2, 4), (1, 1)]:
+        shards = [list(shard_indices(n, r, w)) for r in range(w)]
+        flat = [i for s in shards for i in s]
+        assert sorted(flat) == list(range(n)) and len(set(flat)) == n
+
+
+def test_metric_key_keeps_a_protocol_carrying_name() -> None:
+    assert metric_key("val", "fid", 1000, 50) == "val/fid@1k_nfe50"
+    assert metric_key("val", "fid", 1000, 50, "_cfg3") == "val/fid@1k_nfe50_cfg3"
+    assert metric_key("val", "fid_floor@1k", 1000, 50, "_cfg3") == "val/fid_floor@1k"
+
+
+DDP_SCRIPT = """
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from diffusion_lab.callbacks.evaluation import SampleEvaluation, generate_in_batches
+from diffusion_lab.config import register_configs
+from diffusion_lab.module import build_module
+from diffusion_lab.train import CONFIG_DIR
+
+OUT, N = Path(sys.argv[1]), int(sys.argv[2])
+
+
+class Recorder:
+    name = "recorder"
+
+    def compute(self, samples, reference):
+        torch.save(samples, OUT / "ddp.pt")
+        return {"n": float(len(samples))}
+
+
+def main():
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*sys.argv[3:], "debug=default"])
+    L.seed_everything(0)
+    datamodule = instantiate(cfg.dataset)
+    module = build_module(cfg, datamodule.data_shape)
+    evaluation = SampleEvaluation(Recorder(), N, batch_size=4)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False, enable_checkpointing=False,
+        callbacks=[evaluation],
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    if trainer.is_global_zero:
+        single, _ = generate_in_batches(module, N, 5)  # one process, other batch boundaries
+        torch.save(single.x0, OUT / "single.pt")
+        torch.save(evaluation.results, OUT / "results.pt")
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.slow  # ~80 s on 2 shared cores: three Python processes import torch + Lightning
+def test_ddp_sharded_generation_equals_single_process(tmp_path: Path) -> None:
+    """2 CPU ranks (gloo): exactly N unique samples on rank 0, equal to the single-process set."""
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    n = 11  # odd: one rank has a padded shard
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(n), *TINY_TOY],
+        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
+    assert ddp.shape == (n, 2) and len(torch.unique(ddp, dim=0)) == n
+    torch.testing.assert_close(ddp, single, rtol=1e-5, atol=1e-6)
+    results = torch.load(tmp_path / "results.pt")
+    assert results["val/n@11_nfe2"] == n
+
+
+# ------------------------------------------------------------------------------------ dlab-evaluate scores
+
+TINY_DIGITS = ["model.base_channels=16", "model.num_groups=4", "dataset.batch_size=16"]
+
+
+def _compose(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from diffusion_lab.config import register_configs
+    from diffusion_lab.train import CONFIG_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def _train(tmp_path_factory: pytest.TempPathFactory, name: str, overrides: list[str]) -> Path:
+    from diffusion_lab.train import train
+
+    run_dir = tmp_path_factory.mktemp(name)
+    train(_compose("train", [*overrides, "debug=default", "trainer.max_steps=3", "eval.num_samples=0"]), run_dir)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def toy_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(tmp_path_factory, "toy", TINY_TOY)
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(tmp_path_factory, "digits", TINY_DIGITS)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init torch-fidelity InceptionV3 (He-normal convs), saved as a local weights file."""
+    from unittest import mock
+
+    from torch import nn
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    with (
+        torch.random.fork_rng(devices=[]),
+        mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None),
+    ):
+        torch.manual_seed(0)
+        model = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_evaluate_toy_scores_with_another_sampler(toy_ckpt: Path, tmp_path: Path) -> None:
+    from diffusion_lab.evaluate import run
+
+    overrides = ["scores=[toy2d,bpd]", "sampler=ddim", "sampler.steps=3", "num_samples=16", "num_examples=16"]
+    cfg = _compose("evaluate", [f"ckpt_path={toy_ckpt}", *overrides, "num_t_samples=2"])
+    results = run(cfg, tmp_path, overrides)
+    assert {"val/energy_distance@16_nfe3", "val/mmd_rbf@16_nfe3", "val/bpd@16"} <= set(results)
+    assert results["val/sliced_wasserstein@16_nfe3"] > 0
+    protocol = results["protocol"]["samples"]
+    assert protocol["sampler"] == "ddim" and protocol["nfe"] == 3 and protocol["num_samples"] == 16
+    assert (tmp_path / "evaluation.json").is_file()
+
+
+def test_evaluate_unknown_score_lists_the_valid_ones(toy_ckpt: Path, tmp_path: Path) -> None:
+    from diffusion_lab.config import ConfigError
+    from diffusion_lab.evaluate import run
+
+    with pytest.raises(ConfigError, match=r"valid choices: \['bpd', 'fd_digits', 'fid', 'toy2d'\]"):
+        run(_compose("evaluate", [f"ckpt_path={toy_ckpt}", "scores=[fdi]"]), tmp_path)
+
+
+def test_evaluate_fid_and_fd_digits_on_a_digits_checkpoint(digits_ckpt, inception_weights, tmp_path) -> None:
+    """FID through torch-fidelity (random Inception, 64-d layer for speed) and fd_digits from one sample set;
+    ``ref_stats_only=true`` fills the reference cache that the scoring run then reuses."""
+    from diffusion_lab.evaluate import format_table, run
+
+    fid_opts = [
+        f"metrics.inception_weights={inception_weights}", f"metrics.cache_dir={tmp_path / 'fid_cache'}",
+        "metrics.feature_layer=64", "metrics.isc=false", "metrics.kid=false", "metrics.max_reference=12",
+        "metrics.device=cpu",
+    ]  # fmt: skip
+    common = [f"ckpt_path={digits_ckpt}", *fid_opts, "num_samples=8", "batch_size=8"]
+    stats = run(_compose("evaluate", [*common, "scores=[fid]", "ref_stats_only=true"]), tmp_path / "ref")
+    assert stats["val/fid64_floor@8"] > 0 and "samples" not in stats["protocol"]
+    cache = stats["protocol"]["fid"]["cache_name"]
+    assert cache.startswith("DigitsDataModule-train-") and "-8px-w" in cache  # the default digits run is 8×8
+    assert any(p.name.startswith(cache) for p in (tmp_path / "fid_cache").iterdir())
+
+    import torch_fidelity.utils
+
+    seen: list[int] = []
+    real = torch_fidelity.utils.get_featuresdict_from_dataset
+
+    def counting(input, *args, **kwargs):
+        seen.append(len(input))
+        return real(input, *args, **kwargs)
+
+    from unittest import mock
+
+    cfg = _compose("evaluate", [*common, "scores=[fid,fd_digits]", "sampler=ddim", "sampler.steps=2"])
+    with mock.patch.object(torch_fidelity.utils, "get_featuresdict_from_dataset", counting):
+        results = run(cfg, tmp_path / "eval", ["sampler=ddim"])
+    assert seen == [8], "the reference statistics and the floor came from the cache"
+    assert results["val/fid64@8_nfe2"] > 0 and results["val/fid64_floor@8"] == stats["val/fid64_floor@8"]
+    assert results["val/fd_digits@8_nfe2"] > 0 and 0 <= results["val/class_coverage@8_nfe2"] <= 1
+    assert results["protocol"]["fid"]["feature_extractor"].startswith("inception-v3-compat-")
+    assert results["protocol"]["fd_digits"]["feature_extractor"].startswith("digits_cnn-v")
+    assert "| val/fid64@8_nfe2" in format_table(results)

@@ -1,0 +1,100 @@
+"""diffusion_lab/tracking.py: W&B group / job_type / tags, the resolved config, summary.json, the sweep objective."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import WandbLogger
+
+from diffusion_lab.config import register_configs
+from diffusion_lab.tracking import ablation_tags, build_loggers, objective, run_info, sweep_group
+from diffusion_lab.train import CONFIG_DIR, train
+
+register_configs()
+TINY_TOY = ["experiment=toy2d", "model.hidden=32", "model.num_layers=2", "dataset.num_train=512", "dataset.num_val=64"]
+
+
+def test_tags_name_each_chosen_axis_and_plain_override():
+    choices = {"schedule": "cosine", "parameterization": "v", "trainer": "cpu", "experiment": "toy2d", "sweep": "s"}
+    overrides = ["schedule=cosine", "weighting.gamma=5", "hydra.sweep.dir=x", "name=abl", "seed=3", "+sweep=s"]
+    tags = ablation_tags(choices, overrides, extra=["mine"])
+    assert tags == ["experiment:toy2d", "sweep:s", "schedule:cosine", "parameterization:v", "weighting.gamma:5", "mine"]
+    assert ablation_tags({}, [f"k={'x' * 80}"]) == []  # W&B refuses tags over 64 characters
+
+
+def test_group_is_the_sweep():
+    assert sweep_group("digits", None) == "digits"
+    assert sweep_group("schedule_x_param", "multirun/schedule_x_param") == "schedule_x_param"
+    assert sweep_group("digits", "multirun/digits/2026-11-23_10-00-00") == "digits/2026-11-23_10-00-00"
+
+
+def test_run_info_reads_hydra_choices():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["schedule=cosine", "parameterization=v"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        info = run_info(cfg)
+    finally:
+        HydraConfig.instance().cfg = None  # type: ignore[assignment]
+    assert {"schedule:cosine", "parameterization:v", "experiment:digits", "dataset:digits"} <= set(info.tags)
+    assert info.choices["weighting"] == "eps_mse" and info.job_type == "train" and info.group == "digits"
+
+
+def test_objective_matches_one_metric():
+    metrics = {"val/ed@2k_nfe50": 0.25, "val/bpd@180": 5.0, "train/loss": float("nan"), "protocol": {}}
+    assert objective(metrics, "val/ed@*") == 0.25
+    assert objective(metrics, None) is None
+    assert objective(metrics, "val/missing") != objective(metrics, "val/missing")  # nan: a failed trial
+    with pytest.raises(ValueError, match="matches 2"):
+        objective(metrics, "val/*")
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("wandb_run")
+    overrides = [
+        *TINY_TOY,
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+        "eval.num_samples=64",
+        "eval.batch_size=64",
+        "eval.bpd_examples=8",
+        "eval.bpd_num_t_samples=2",
+        "sampler.steps=2",
+        "callbacks.grid_samples=16",
+        "logger.wandb.mode=offline",
+        "logger.wandb.tags=[mine]",
+        "logger.wandb.group=my_sweep",
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    metrics = train(cfg, run_dir)
+    return run_dir, cfg, metrics
+
+
+def test_wandb_logger_carries_group_job_type_tags_and_config(wandb_run, tmp_path):
+    _, cfg, _ = wandb_run
+    (logger,) = [lg for lg in build_loggers(cfg, tmp_path) if isinstance(lg, WandbLogger)]
+    run = logger.experiment
+    try:
+        assert run.group == "my_sweep" and run.job_type == "train" and "mine" in run.tags
+        assert run.config["schedule"]["_target_"].endswith("LinearSchedule")
+        assert run.config["name"] == "toy2d" and "hydra_choices" in run.config
+    finally:
+        run.finish()
+
+
+def test_offline_run_has_summary_media_and_summary_json(wandb_run):
+    run_dir, _, metrics = wandb_run
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    # Offline, wandb-core keeps config and summary in the binary run-*.wandb log (written out on `wandb sync`);
+    # the sample grids are already media files: one per grid step and the final grid in the summary.
+    assert list(offline.glob("run-*.wandb"))
+    media = sorted(p.name for p in (offline / "files" / "media" / "images").rglob("*.png"))
+    assert any(n.startswith("ema_") for n in media) and any(n.startswith("final_summary") for n in media)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["group"] == "my_sweep" and summary["job_type"] == "train" and summary["tags"] == ["mine"]
+    assert summary["config"]["model"]["hidden"] == 32  # the resolved config travels whole
+    assert summary["metrics"]["train/steps"] == 3 == metrics["train/steps"]
+    assert any(k.startswith("val/bpd@") for k in summary["metrics"])
