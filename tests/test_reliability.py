@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY_TOY, compose_train
 
 from diffusion_lab.callbacks.checkpoint import (
     TMP_PREFIX,
@@ -23,6 +22,7 @@ from diffusion_lab.callbacks.nan_guard import NonFiniteError
 from diffusion_lab.config import ConfigError, validate_config
 from diffusion_lab.module import DiffusionModule, IncompatibleCheckpointError, load_checkpoint
 from diffusion_lab.train import train
+from tests.test_train import TINY_TOY, compose_train
 
 QUIET = ["eval.num_samples=0", "eval.bpd_examples=0", "callbacks.grid_samples=0", "logger.wandb=null"]
 
