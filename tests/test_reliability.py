@@ -104,7 +104,6 @@ def test_stop_and_resume_in_process_is_bit_identical(tmp_path):
     assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
 
 
-@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     """A run SIGKILLed after its first checkpoint and resumed with the same command ends with exactly the
     raw and EMA parameters (and optimizer state) of an uninterrupted run (computed in-process meanwhile)."""
