@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +22,11 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from diffusion_lab.data.base import DiffusionDataModule, TensorPairDataset, render_image_grid, uint8_to_unit
+from diffusion_lab.data.files import DOWNLOAD_TIMEOUT_S, socket_timeout
 
 BASE_FOLDER = CIFAR10.base_folder  # "cifar-10-batches-py"
 MD5 = dict(CIFAR10.train_list + CIFAR10.test_list) | {str(CIFAR10.meta["filename"]): str(CIFAR10.meta["md5"])}
 FILES = tuple(MD5)  # data_batch_1..5, test_batch, batches.meta
-DOWNLOAD_TIMEOUT_S = 60.0
 
 EXPECTED_FORMAT = (
     "the python-pickle release of CIFAR-10 (cifar-10-python.tar.gz, extracted): "
@@ -55,17 +52,6 @@ class _CIFAR10Files(CIFAR10):
         with open(os.path.join(self.root, BASE_FOLDER, str(self.meta["filename"])), "rb") as f:
             self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-
-
-@contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
-    """torchvision's downloader sets no timeout; bound it so a dead network fails instead of hanging."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def _fix_hint(folder: Path, download_failed: bool = False) -> str:
@@ -127,7 +113,7 @@ class CIFAR10DataModule(DiffusionDataModule):
         if files_intact(self.folder, self.verify_md5):
             return
         try:
-            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            with socket_timeout(DOWNLOAD_TIMEOUT_S):
                 download_and_extract_archive(
                     CIFAR10.url, str(self.folder.parent), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
                 )
