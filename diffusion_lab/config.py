@@ -546,7 +546,14 @@ class WandbConfig:
     mode: WandbMode = WandbMode.auto
     group: str | None = None
     tags: list[str] = field(default_factory=list)
-    job_type: str = "train"
+    job_type: str | None = None  # null: the entry point's (train / sample / eval)
+
+
+@dataclass
+class JobLoggerConfig:
+    """``dlab-sample`` / ``dlab-evaluate``: a W&B run (job_type sample / eval) beside the local summary.json."""
+
+    wandb: WandbConfig | None = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -701,6 +708,8 @@ class SampleConfig:
     guidance_scale: float | None = None
     # Labels of a class-conditional model, cycled over sample indices (null: 0, 1, …, num_classes − 1).
     class_labels: list[int] | None = None
+    name: str | None = None  # W&B run name prefix and group outside a sweep (null: the training run's)
+    logger: JobLoggerConfig = field(default_factory=JobLoggerConfig)
 
 
 class LikelihoodMethod(str, Enum):
@@ -744,6 +753,8 @@ class EvaluateConfig:
     num_samples: int = 1000
     guidance_scale: float | None = None
     ref_stats_only: bool = False  # compute + cache the reference statistics (and fid_floor@num_samples), then exit
+    name: str | None = None  # W&B run name prefix and group outside a sweep (null: the training run's)
+    logger: JobLoggerConfig = field(default_factory=JobLoggerConfig)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {

@@ -18,6 +18,9 @@ continuous ELBO of Kingma et al. 2021 otherwise, or as forced by ``bpd_method``)
 ``<split>/bpd@N``. ``bpd_method=ode`` computes the likelihood of the probability-flow ODE model instead
 (Song et al. 2021 App. D.2; images uniformly dequantised, an 8-bit bound), logged as ``<split>/bpd_ode@N``
 with the solver, tolerances, probe and NFE in its protocol.
+
+The job is recorded like a training run: ``summary.json`` in the output directory and a W&B run with
+``job_type=eval`` in the training run's group (or the job's own sweep), the metrics in its summary.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions
 from diffusion_lab.metrics import format_count, metric_key
 from diffusion_lab.metrics.likelihood import BitsPerDim, bits_per_dim
 from diffusion_lab.module import DiffusionModule, load_module
-from diffusion_lab.sample import build_sampler
+from diffusion_lab.sample import build_sampler, track
 from diffusion_lab.train import CONFIG_DIR
 
 SPLITS = ("train", "val")
@@ -241,8 +244,9 @@ def main(cfg: DictConfig) -> None:
     """Console entry point ``dlab-evaluate``."""
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     results = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
+    track(cfg, out_dir, "eval", results)
     print(format_table(results))
-    print(f"wrote {out_dir / 'evaluation.json'}")
+    print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'summary.json'}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ Writes ``samples.npz`` and ``grid.png`` in the output directory and prints the N
 whose calls each run the conditional and unconditional branch in one batch), ``guided``,
 ``guidance_scale`` (NaN when unguided) and ``seed``. The sampler defaults to the one stored with the run.
 A conditional model samples labels cycling over ``class_labels`` (default: all classes).
+
+The job is recorded like a training run (:func:`track`): ``summary.json`` in the output directory and a W&B
+run with ``job_type=sample`` in the training run's group (or the job's own sweep), the grid as media.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks import generate_in_batches, sampling_protocol, save_png
+from diffusion_lab.callbacks.checkpoint import WANDB_KEY
 from diffusion_lab.config import ConfigError, check_guidance, check_sampler, register_configs
-from diffusion_lab.module import load_module
+from diffusion_lab.module import load_checkpoint, load_module
+from diffusion_lab.tracking import track_job, training_run
 from diffusion_lab.train import CONFIG_DIR
 
 
@@ -91,6 +96,17 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
     return summary
 
 
+def track(
+    cfg: DictConfig, out_dir: Path, job_type: str, metrics: dict[str, Any], media: dict[str, Path] | None = None
+) -> Path:
+    """Record a ``sample`` / ``eval`` job on ``cfg.ckpt_path``: ``summary.json`` + a W&B run grouped with the
+    training run (:func:`diffusion_lab.tracking.track_job`); returns the summary's path."""
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    train_config = ckpt["diffusion_lab_config"]
+    train = training_run(cfg.ckpt_path, train_config, ckpt.get(WANDB_KEY))
+    return track_job(cfg, out_dir, job_type, metrics, train_config, train, media)
+
+
 def check_sampling_request(cfg: DictConfig, num_classes: int | None, p_uncond: float) -> None:
     """``guidance_scale`` and ``class_labels`` must suit the checkpoint's model; raise :class:`ConfigError`."""
     check_guidance("guidance_scale", cfg.guidance_scale, num_classes, p_uncond)
@@ -131,8 +147,9 @@ def main(cfg: DictConfig) -> None:
     """Console entry point ``dlab-sample``."""
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
     summary = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
+    track(cfg, out_dir, "sample", summary, {"samples/grid": out_dir / "grid.png"})
     print(describe(summary))
-    print(f"wrote {out_dir / 'samples.npz'} and {out_dir / 'grid.png'}")
+    print(f"wrote {out_dir / 'samples.npz'}, {out_dir / 'grid.png'} and {out_dir / 'summary.json'}")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,16 @@ from either (``scripts/make_table.py``):
 
 - ``group``: the sweep (``logger.wandb.group`` if set; in a Hydra multirun ``<name>/<sweep dir>``, or the
   sweep dir's name when it already is ``name``; else ``name``);
-- ``job_type``: ``train`` / ``sample`` / ``eval`` (``logger.wandb.job_type``);
+- ``job_type``: ``train`` / ``sample`` / ``eval`` by entry point (``logger.wandb.job_type`` overrides);
 - ``tags``: one ``axis:option`` per ablation axis chosen through Hydra's config groups
   (``schedule:cosine``, ``parameterization:v``) plus one ``key:value`` per plain command-line override
   (``weighting.gamma:5``), then ``logger.wandb.tags``;
 - the full resolved config, Hydra's group choices and overrides, and the final metrics.
+
+A ``sample`` / ``eval`` job (:func:`track_job`) joins its training run's group unless it is itself a sweep,
+adds the training run's tags for the axes it does not set itself, and records the training run (directory,
+config, W&B id). :func:`read_offline_run` reads a W&B offline run back (group, tags, config, summary), so
+tables can be built from W&B's own record without the network.
 
 Nothing here imports the diffusion code; it only needs the composed config.
 """
@@ -113,7 +118,7 @@ def run_info(cfg: DictConfig, job_type: str | None = None) -> RunInfo:
     wb = cfg.get("logger", {}).get("wandb") if "logger" in cfg else None
     name = str(cfg.get("name", "default"))
     group = wb.group if wb is not None and wb.group else sweep_group(name, ctx.get("sweep_dir"))
-    kind = job_type or (wb.job_type if wb is not None else "train")
+    kind = (wb.job_type if wb is not None and wb.job_type else None) or job_type or "train"
     extra = list(wb.tags) if wb is not None else []
     tags = ablation_tags(ctx.get("choices", {}), ctx.get("overrides", []), extra)
     return RunInfo(name, group, kind, tags, ctx.get("choices", {}), ctx.get("overrides", []),
@@ -227,3 +232,150 @@ def objective(metrics: Mapping[str, Any], pattern: str | None) -> float | None:
     if len(values) > 1:
         raise ValueError(f"optimize_metric={pattern!r} matches {len(values)} metrics; make it specific")
     return values[0] if values and math.isfinite(values[0]) else float("nan")
+
+
+# ------------------------------------------------------------------------------------ sample / eval jobs
+
+
+def training_run(ckpt_path: str | Path, train_config: Mapping[str, Any], wandb_id: str | None) -> dict[str, Any]:
+    """What a job on a checkpoint records of its training run: name, group, tags (from ``summary.json`` when the
+    checkpoint sits in ``<run dir>/checkpoints/``), run directory and W&B run id."""
+    run_dir = Path(ckpt_path).resolve().parent.parent
+    summary_path = run_dir / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    name = str(summary.get("name") or train_config.get("name", "default"))
+    return {
+        "name": name,
+        "group": summary.get("group") or name,
+        "tags": list(summary.get("tags", [])),
+        "run_dir": str(run_dir) if summary else None,
+        "wandb_id": wandb_id,
+    }
+
+
+def job_info(cfg: DictConfig, job_type: str, train: Mapping[str, Any]) -> RunInfo:
+    """The :class:`RunInfo` of a ``sample`` / ``eval`` job on a checkpoint of the training run ``train``.
+
+    Group: ``logger.wandb.group``, else the job's own sweep when it is a multirun, else the training run's group.
+    Tags: the job's axes (``sampler:euler``, ``sampler.steps:20``), then the training run's tags on other axes."""
+    ctx = hydra_context()
+    wb = cfg.logger.wandb
+    name = str(cfg.get("name") or train["name"])
+    sweep_dir = ctx.get("sweep_dir")
+    group = (wb.group if wb is not None else None) or (sweep_group(name, sweep_dir) if sweep_dir else train["group"])
+    kind = (wb.job_type if wb is not None and wb.job_type else None) or job_type
+    own = ablation_tags(ctx.get("choices", {}), ctx.get("overrides", []), list(wb.tags) if wb is not None else [])
+    axes = {t.split(":", 1)[0].split(".", 1)[0] for t in own}
+    inherited = [t for t in train["tags"] if t.split(":", 1)[0].split(".", 1)[0] not in axes]
+    tags = list(dict.fromkeys([*own, *inherited]))
+    return RunInfo(name, group, kind, tags, ctx.get("choices", {}), ctx.get("overrides", []), sweep_dir,
+                   ctx.get("job_num"))  # fmt: skip
+
+
+def track_job(
+    cfg: DictConfig,
+    out_dir: Path,
+    job_type: str,
+    metrics: Mapping[str, Any],
+    train_config: Mapping[str, Any],
+    train: Mapping[str, Any],
+    media: Mapping[str, Path] | None = None,
+    info: RunInfo | None = None,
+) -> Path:
+    """Record a ``sample`` / ``eval`` job: a W&B run (offline unless logged in; group, job type, tags, the job's
+    config with the training run's under ``train``, the scalar metrics and ``media`` images in its summary) and
+    ``summary.json`` in ``out_dir``; returns the summary's path. ``info``: how to file it, when the job is not
+    described by Hydra's runtime (a driver script's loop); default :func:`job_info`."""
+    info = info or job_info(cfg, job_type, train)
+    config = {**resolved_config(cfg), "train": dict(train_config), "train_run": dict(train)}
+    wb = cfg.logger.wandb
+    mode = wandb_mode(str(getattr(wb.mode, "value", wb.mode))) if wb is not None else "disabled"
+    if wb is not None and mode != "disabled":
+        import wandb
+
+        run = wandb.init(
+            project=wb.project, entity=wb.entity, group=info.group, job_type=info.job_type, tags=info.tags,
+            name=f"{info.name}-{job_type}-{out_dir.name}", dir=str(out_dir), mode=mode,  # type: ignore[arg-type]
+            config={**config, "hydra_choices": info.choices, "overrides": info.overrides},
+        )  # fmt: skip
+        run.summary.update(scalar_metrics(metrics))
+        for key, path in (media or {}).items():
+            if path.is_file():
+                run.summary[key] = wandb.Image(str(path))
+        run.finish()
+    return write_run_summary(out_dir, config, metrics, info)
+
+
+# ------------------------------------------------------------------------------ reading W&B offline runs
+
+_LOG_BLOCK = 32 * 1024  # the W&B run log is a LevelDB-style log: 32 KiB blocks of chunked records
+_LOG_MAGIC = b":W&B"
+
+
+def _log_records(path: Path) -> Iterable[bytes]:
+    """The records of a W&B ``run-<id>.wandb`` log, reassembled from their chunks (checksums verified)."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    if data[:4] != _LOG_MAGIC:
+        raise ValueError(f"{path} is not a W&B run log (it does not start with {_LOG_MAGIC!r})")
+    pos, record = 7, b""  # 7-byte file header: magic, 2-byte version magic, 1-byte version
+    while pos + 7 <= len(data):
+        left = _LOG_BLOCK - pos % _LOG_BLOCK
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        if len(chunk) < length:
+            break  # a run still being written (or killed) ends in a partial chunk
+        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != checksum:
+            raise ValueError(f"{path}: corrupt record at byte {pos}")
+        pos += 7 + length
+        record = chunk if kind in (1, 2) else record + chunk  # FULL/FIRST start, MIDDLE/LAST continue
+        if kind in (1, 4):
+            yield record
+
+
+def _apply_items(target: dict[str, Any], items: Iterable[Any]) -> None:
+    for item in items:
+        node, keys = target, [item.key] if item.key else list(item.nested_key)
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = json.loads(item.value_json)
+
+
+def read_offline_run(path: str | Path) -> dict[str, Any]:
+    """A W&B offline run (its ``run-<id>.wandb`` log, its directory, or a ``wandb/`` directory holding one run)
+    as ``{"id", "group", "job_type", "tags", "config", "summary", "dir"}``: what the W&B UI shows once synced."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    path = Path(path)
+    logs = [path]
+    if path.is_dir():
+        logs = sorted(path.glob("run-*.wandb")) or sorted(path.glob("offline-run-*/run-*.wandb"))
+    if len(logs) != 1:
+        raise FileNotFoundError(f"expected one W&B run log (run-*.wandb) in {path}, found {len(logs)}")
+    log = logs[0]
+    run: dict[str, Any] = {"id": "", "group": "", "job_type": "", "tags": [], "config": {}, "summary": {},
+                           "dir": str(log.parent)}  # fmt: skip
+    for raw in _log_records(log):
+        record = pb.Record()  # type: ignore[attr-defined]
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run |= {"id": record.run.run_id, "group": record.run.run_group, "job_type": record.run.job_type}
+            run["tags"] = list(record.run.tags)
+            _apply_items(run["config"], record.run.config.update)
+        elif kind == "config":
+            _apply_items(run["config"], record.config.update)
+        elif kind == "summary":
+            _apply_items(run["summary"], record.summary.update)
+            for item in record.summary.remove:
+                run["summary"].pop(item.key or item.nested_key[0], None)
+    run["config"].pop("_wandb", None)
+    return run

@@ -4,14 +4,17 @@
     python scripts/make_table.py multirun/schedule_x_param/<date> --rows schedule --cols parameterization \
         --metric 'val/fd_digits@*' --format latex
     python scripts/make_table.py --wandb <entity>/<project> --group schedule_x_param --rows schedule ...
+    python scripts/make_table.py multirun/schedule_x_param/<date> --wandb-offline --rows schedule ...
 
 Runs are read from (1) every ``summary.json`` under the directory (written by ``dlab-train``: the resolved
 config, Hydra's group choices and overrides, the final metrics; a W&B offline run lives inside such a run
 directory and mirrors it), else (2) every ``*/metrics.json`` with ``.hydra/overrides.yaml`` beside it (older
-runs), or (3) the W&B API (``--wandb entity/project`` [``--group``]). A metric pattern may use ``*`` to
-match the protocol suffix (sample count, NFE). An axis is a config group (``schedule``: its chosen option),
-an override key, or a dotted config path (``weighting.gamma``, ``seed``). Cells of a pivot table are the
-mean ± sample standard deviation over the runs that share the row and column values (e.g. seeds).
+runs), (3) the W&B API (``--wandb entity/project`` [``--group``]), or (4) the W&B offline runs under the
+directory (``--wandb-offline``: W&B's own run logs, read without the network; the same table as (1)).
+A metric pattern may use ``*`` to match the protocol suffix (sample count, NFE). An axis is a config group
+(``schedule``: its chosen option), an override key, or a dotted config path (``weighting.gamma``, ``seed``).
+Cells of a pivot table are the mean ± sample standard deviation over the runs that share the row and column
+values (e.g. seeds).
 Formats: ``markdown`` (default), ``latex`` (booktabs), ``csv`` (long form: axes, metric, mean, std, n).
 """
 
@@ -68,18 +71,36 @@ def load_wandb_runs(path: str, group: str | None = None) -> list[Run]:
     import wandb
 
     filters = {"group": group} if group else {}
-    runs = []
-    for run in wandb.Api().runs(path, filters=filters):
-        config = dict(run.config)
-        choices = config.pop("hydra_choices", {}) or {}
-        overrides = [o.lstrip("+~") for o in config.pop("overrides", []) or []]
-        runs.append({
-            "overrides": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra.")),
-            "choices": choices, "config": config, "metrics": dict(run.summary), "dir": run.url,
-        })  # fmt: skip
+    api_runs = wandb.Api().runs(path, filters=filters)
+    runs = [_from_wandb(dict(run.config), dict(run.summary), run.url) for run in api_runs]
     if not runs:
         raise SystemExit(f"no W&B runs in {path}" + (f" group {group}" if group else ""))
     return runs
+
+
+def load_wandb_offline_runs(root: Path, group: str | None = None) -> list[Run]:
+    """W&B offline runs under ``root`` (``wandb/offline-run-*``), read from W&B's own run log, optionally one
+    group: the table W&B will show once the runs are synced, built without the network."""
+    from diffusion_lab.tracking import read_offline_run
+
+    runs = []
+    for run_dir in sorted(root.rglob("offline-run-*")):
+        run = read_offline_run(run_dir)
+        if group is None or run["group"] == group:
+            runs.append(_from_wandb(run["config"], run["summary"], run["dir"]))
+    if not runs:
+        raise SystemExit(f"no W&B offline runs under {root}" + (f" in group {group}" if group else ""))
+    return runs
+
+
+def _from_wandb(config: dict[str, Any], summary: dict[str, Any], where: str) -> Run:
+    """A W&B run's config (the resolved config + ``hydra_choices`` + ``overrides``) and summary as a :data:`Run`."""
+    choices = config.pop("hydra_choices", {}) or {}
+    overrides = [o.lstrip("+~") for o in config.pop("overrides", []) or []]
+    return {
+        "overrides": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra.")),
+        "choices": choices, "config": config, "metrics": summary, "dir": where,
+    }  # fmt: skip
 
 
 def axis_value(run: Run, axis: str) -> str:
@@ -275,10 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown")
     parser.add_argument("--digits", type=int, default=4, help="significant digits of the means")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from the W&B API instead")
-    parser.add_argument("--group", help="with --wandb: only this group (sweep)")
+    parser.add_argument(
+        "--wandb-offline",
+        action="store_true",
+        help="read the W&B offline runs under sweep_dir (W&B's own record) instead of summary.json",
+    )
+    parser.add_argument("--group", help="with --wandb / --wandb-offline: only this group (sweep)")
     args = parser.parse_args(argv)
     if args.wandb:
         runs = load_wandb_runs(args.wandb, args.group)
+    elif args.sweep_dir is not None and args.wandb_offline:
+        runs = load_wandb_offline_runs(args.sweep_dir, args.group)
     elif args.sweep_dir is not None:
         runs = load_runs(args.sweep_dir)
     else:

@@ -5,10 +5,11 @@
     python scripts/make_plots.py multirun/sampler_nfe --nfe --by sampler --metric 'val/fd_digits@*'
     python scripts/make_table.py multirun/sampler_nfe --rows sampler --cols steps --metric 'val/fd_digits@*'
 
-Writes one run directory per (sampler, steps), ``<out>/<sampler>_steps<N>/summary.json`` (job_type ``sample``),
-whose metrics are keyed by the protocol (``val/fd_digits@1k_nfe19``) and carry ``nfe``, so the table and the
-plot can put samplers side by side at equal NFE (Heun/EDM spend 2·steps − 1 denoiser calls). The same
-index-seeded noise is used for every sampler; the reference set is the run's training split.
+Writes one run directory per (sampler, steps), ``<out>/<sampler>_steps<N>/summary.json`` and a W&B run
+(job_type ``sample``, group: ``<out>``'s name; ``--wandb-mode``), whose metrics are keyed by the protocol
+(``val/fd_digits@1k_nfe19``) and carry ``nfe``, so the table and the plot can put samplers side by side at
+equal NFE (Heun/EDM spend 2·steps − 1 denoiser calls). The same index-seeded noise is used for every sampler;
+the reference set is the run's training split.
 """
 
 from __future__ import annotations
@@ -25,20 +26,22 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion_lab.callbacks import generate_in_batches
+from diffusion_lab.callbacks.checkpoint import WANDB_KEY
 from diffusion_lab.config import register_configs
 from diffusion_lab.metrics import protocol_key
-from diffusion_lab.module import load_module
+from diffusion_lab.module import load_checkpoint, load_module
 from diffusion_lab.sample import build_sampler
-from diffusion_lab.tracking import RunInfo, write_run_summary
+from diffusion_lab.tracking import RunInfo, track_job, training_run
 from diffusion_lab.train import CONFIG_DIR, build_metric
 
 MAX_REFERENCE = 10_000  # reference examples, as the training-time evaluation uses
 
 
-def sampler_config(ckpt: str, sampler: str, steps: int) -> Any:
+def sampler_config(ckpt: str, sampler: str, steps: int, wandb_mode: str = "auto") -> Any:
     """The ``dlab-sample`` config for one combination (validated by its schema)."""
+    overrides = [f"ckpt_path={ckpt}", f"sampler={sampler}", f"sampler.steps={steps}", f"logger.wandb.mode={wandb_mode}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("sample", overrides=[f"ckpt_path={ckpt}", f"sampler={sampler}", f"sampler.steps={steps}"])
+        return compose("sample", overrides=overrides)
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -54,15 +57,18 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise SystemExit(f"the run at {args.ckpt} has metrics=none: nothing to score")
     reference = datamodule.train_tensor()[:MAX_REFERENCE]
     written = []
+    train = training_run(args.ckpt, module.config, load_checkpoint(args.ckpt).get(WANDB_KEY))
     for name in args.samplers:
         for steps in args.steps:
-            written.append(score_one(args, module, metric, reference, name, steps))
+            written.append(score_one(args, module, metric, reference, name, steps, train))
     return written
 
 
-def score_one(args: argparse.Namespace, module: Any, metric: Any, reference: Any, name: str, steps: int) -> Path:
+def score_one(
+    args: argparse.Namespace, module: Any, metric: Any, reference: Any, name: str, steps: int, train: dict[str, Any]
+) -> Path:
     """Sample with one (sampler, steps), score against ``reference``, write its run dir; returns the dir."""
-    cfg = sampler_config(args.ckpt, name, steps)
+    cfg = sampler_config(args.ckpt, name, steps, args.wandb_mode)
     sampler = build_sampler(cfg, module, [])
     start = time.perf_counter()
     out, rate = generate_in_batches(module, args.num_samples, args.batch_size, args.seed, sampler)
@@ -78,15 +84,8 @@ def score_one(args: argparse.Namespace, module: Any, metric: Any, reference: Any
         choices={"sampler": name},
         overrides=[f"sampler={name}", f"steps={steps}"],
     )
-    config = {
-        "ckpt_path": str(args.ckpt),
-        "sampler": OmegaConf.to_container(cfg.sampler, enum_to_str=True),
-        "steps": steps,
-        "num_samples": args.num_samples,
-        "seed": args.seed,
-        "run": module.config,
-    }
-    write_run_summary(run_dir, config, metrics, info)
+    cfg.num_samples, cfg.batch_size, cfg.seed = args.num_samples, args.batch_size, args.seed
+    track_job(cfg, run_dir, "sample", metrics, module.config, train, info=info)
     print(json.dumps({"sampler": name, "steps": steps, **metrics}))
     return run_dir
 
@@ -100,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--wandb-mode",
+        choices=["auto", "online", "offline", "disabled"],
+        default="auto",
+        help="one W&B run per combination (job_type sample); auto: offline unless logged in",
+    )
     run(parser.parse_args(argv))
     return 0
 

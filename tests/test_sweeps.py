@@ -90,7 +90,13 @@ def test_launchers_compose(launcher, target, key, value):
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("multirun") / "schedule_x_param"
-    multirun(["+sweep=schedule_x_param", *TINY_TOY, f"hydra.sweep.dir={out}"])
+    # debug=default's few steps of everything, with W&B kept on (offline) instead of off
+    debug = ["trainer.max_steps=5", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
+             "callbacks.sample_every_n_steps=5", "callbacks.grid_samples=4", "callbacks.checkpoint_every_n_steps=5",
+             "eval.num_samples=8", "eval.batch_size=8", "eval.bpd_examples=16", "eval.bpd_num_t_samples=2",
+             "sampler.steps=2", "logger.wandb.mode=offline"]  # fmt: skip
+    toy = [a for a in TINY_TOY if a != "debug=default"]
+    multirun(["+sweep=schedule_x_param", *toy, *debug, f"hydra.sweep.dir={out}"])
     return out
 
 
@@ -113,6 +119,39 @@ def test_table_from_the_multirun(sweep_dir, capsys):
     assert lines[0] == "val/bpd@16 (one run per cell)"
     assert lines[2] == "| schedule | eps | v |"
     assert [line.split(" | ")[0] for line in lines[4:]] == ["| linear", "| cosine"]
+
+
+def test_table_from_wandb_offline_runs_and_the_wandb_api_equals_the_summary_table(sweep_dir, capsys, monkeypatch):
+    """W&B's own record of the sweep (the offline run logs; the public API's run objects) gives the same table
+    as the local summary.json files: group, config choices and final metrics all reached W&B."""
+    import wandb
+
+    from diffusion_lab.tracking import read_offline_run
+
+    make_table = _script("make_table")
+    args = ["--rows", "schedule", "--cols", "parameterization", "--metric", "val/bpd@*", "train/loss"]
+    assert make_table.main([str(sweep_dir), *args]) == 0
+    from_summaries = capsys.readouterr().out
+    assert make_table.main([str(sweep_dir), "--wandb-offline", "--group", "schedule_x_param", *args]) == 0
+    assert capsys.readouterr().out == from_summaries
+    with pytest.raises(SystemExit, match=r"no W&B offline runs .* in group other"):
+        make_table.main([str(sweep_dir), "--wandb-offline", "--group", "other", *args])
+
+    offline = [read_offline_run(p) for p in sorted(sweep_dir.rglob("offline-run-*"))]
+    assert len(offline) == 4 and {r["job_type"] for r in offline} == {"train"}
+
+    class ApiRun:  # what wandb.Api().runs() yields once the offline runs are synced: config, summary, url
+        def __init__(self, run):
+            self.config, self.summary, self.url, self.group = run["config"], run["summary"], run["dir"], run["group"]
+
+    class Api:
+        def runs(self, path, filters):
+            assert path == "me/diffusion_lab"
+            return [ApiRun(r) for r in offline if r["group"] == filters.get("group", r["group"])]
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    assert make_table.main(["--wandb", "me/diffusion_lab", "--group", "schedule_x_param", *args]) == 0
+    assert capsys.readouterr().out == from_summaries
 
 
 @pytest.mark.slow  # ~150 s on 2 shared cores: each loky worker imports torch + Lightning
@@ -150,11 +189,18 @@ def test_sampler_nfe_script_writes_one_run_per_combination(sweep_dir, tmp_path, 
     out = tmp_path / "sampler_nfe"
     ckpt = sweep_dir / "1" / "checkpoints" / "last.ckpt"
     args = [str(ckpt), "--out", str(out), "--samplers", "ddim", "heun", "--steps", "2", "3", "--num-samples", "32"]
+    args += ["--wandb-mode", "offline"]
     assert _script("sampler_nfe").main(args) == 0
     summaries = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/summary.json")}
     assert set(summaries) == {"ddim_steps2", "ddim_steps3", "heun_steps2", "heun_steps3"}
     assert summaries["heun_steps3"]["metrics"]["nfe"] == 5 and summaries["heun_steps3"]["job_type"] == "sample"
     assert "val/energy_distance@32_nfe5" in summaries["heun_steps3"]["metrics"]
+    from diffusion_lab.tracking import read_offline_run
+
+    wandb_run = read_offline_run(out / "heun_steps3" / "wandb")
+    assert (wandb_run["group"], wandb_run["job_type"]) == ("sampler_nfe", "sample")
+    assert wandb_run["summary"]["nfe"] == 5 and "sampler:heun" in wandb_run["tags"]
+    assert wandb_run["config"]["train_run"]["group"] == "schedule_x_param"
     capsys.readouterr()
     _script("make_table").main([str(out), "--rows", "sampler", "--cols", "steps", "--metric", "nfe"])
     assert capsys.readouterr().out.strip().splitlines()[-2:] == ["| ddim | 2 | 3 |", "| heun | 3 | 5 |"]

@@ -8,7 +8,15 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
 
 from diffusion_lab.config import register_configs
-from diffusion_lab.tracking import ablation_tags, build_loggers, objective, run_info, sweep_group
+from diffusion_lab.tracking import (
+    ablation_tags,
+    build_loggers,
+    job_info,
+    objective,
+    read_offline_run,
+    run_info,
+    sweep_group,
+)
 from diffusion_lab.train import CONFIG_DIR, train
 
 register_configs()
@@ -98,3 +106,73 @@ def test_offline_run_has_summary_media_and_summary_json(wandb_run):
     assert summary["config"]["model"]["hidden"] == 32  # the resolved config travels whole
     assert summary["metrics"]["train/steps"] == 3 == metrics["train/steps"]
     assert any(k.startswith("val/bpd@") for k in summary["metrics"])
+
+
+def test_offline_run_log_holds_what_summary_json_holds(wandb_run):
+    """W&B's own record (the offline run log, read back) carries the group, job type, tags, the resolved config
+    and the final metrics that summary.json mirrors."""
+    run_dir, _, _ = wandb_run
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    run = read_offline_run(offline)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (run["group"], run["job_type"], run["tags"]) == ("my_sweep", "train", ["mine"])
+    assert run["config"]["model"] == summary["config"]["model"] and run["config"]["seed"] == 0
+    for key, value in summary["metrics"].items():
+        if key.startswith("val/bpd"):
+            assert run["summary"][key] == pytest.approx(value, rel=1e-12)
+    with pytest.raises(ValueError, match="not a W&B run log"):
+        read_offline_run(run_dir / "summary.json")
+
+
+def _compose_job(name, overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def test_sample_and_eval_jobs_are_w_and_b_runs_in_the_training_runs_group(wandb_run, tmp_path):
+    """dlab-sample / dlab-evaluate record job_type sample / eval, join the training run's group and tags, link
+    its W&B run and config, and write summary.json beside their outputs."""
+    from diffusion_lab.evaluate import run as evaluate
+    from diffusion_lab.sample import run as sample
+    from diffusion_lab.sample import track
+
+    run_dir, _, _ = wandb_run
+    ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+    (train_offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    train_id = read_offline_run(train_offline)["id"]
+    wb = ["logger.wandb.mode=offline"]
+
+    cfg = _compose_job("sample", [ckpt, "sampler=euler", "sampler.steps=3", "num_samples=4", "grid=true", *wb])
+    out = tmp_path / "sample"
+    result = sample(cfg, out)
+    track(cfg, out, "sample", result, {"samples/grid": out / "grid.png"})
+    cfg = _compose_job("evaluate", [ckpt, "scores=[bpd]", "num_examples=8", "num_t_samples=2", *wb])
+    scores = evaluate(cfg, tmp_path / "eval")
+    track(cfg, tmp_path / "eval", "eval", scores)
+
+    for job, out_dir in (("sample", out), ("eval", tmp_path / "eval")):
+        (offline,) = list((out_dir / "wandb").glob("offline-run-*"))
+        run = read_offline_run(offline)
+        summary = json.loads((out_dir / "summary.json").read_text())
+        assert run["group"] == summary["group"] == "my_sweep" and run["job_type"] == summary["job_type"] == job
+        assert run["tags"] == ["mine"] and run["config"]["train"]["model"]["hidden"] == 32
+        assert run["config"]["train_run"]["wandb_id"] == train_id == summary["config"]["train_run"]["wandb_id"]
+    assert read_offline_run(out / "wandb")["summary"]["nfe"] == 3 == json.loads((out / "summary.json").read_text())[
+        "metrics"]["nfe"]  # fmt: skip
+    assert read_offline_run(out / "wandb")["summary"]["samples/grid"]["_type"] == "image-file"
+    assert read_offline_run(tmp_path / "eval" / "wandb")["summary"]["val/bpd@8"] == pytest.approx(scores["val/bpd@8"])
+
+
+def test_a_job_sweep_is_its_own_group_and_its_axes_replace_the_training_runs():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("sample", overrides=["ckpt_path=x.ckpt", "sampler=heun", "sampler.steps=7"],
+                      return_hydra_config=True)  # fmt: skip
+    train = {"name": "digits", "group": "digits", "tags": ["schedule:cosine", "sampler:ddim", "sampler.eta:1"]}
+    HydraConfig.instance().set_config(cfg)
+    try:
+        info = job_info(cfg, "sample", train)
+    finally:
+        HydraConfig.instance().cfg = None  # type: ignore[assignment]
+    assert info.group == "digits" and info.job_type == "sample" and info.name == "digits"
+    assert info.tags == ["sampler:heun", "sampler.steps:7", "schedule:cosine"]
+    assert sweep_group(info.name, "multirun/sampler_nfe") == "digits/sampler_nfe"
