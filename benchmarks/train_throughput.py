@@ -11,12 +11,15 @@ Three variants, same batch shape, same AdamW settings, gradient clipping at 1.0 
 - ``diffusers``: diffusers' ``UNet2DModel`` in the DDPM CIFAR-10 configuration (google/ddpm-cifar10-32,
   35.7M parameters) in the same bare loop.
 
-    uv run python benchmarks/train_throughput.py                 # CPU: batch 8, 5 timed steps
+    uv run python benchmarks/train_throughput.py                 # CPU: batch 8, 3 rounds of 5 timed steps
     uv run python benchmarks/train_throughput.py --device cuda --batch-size 128 --steps 50 --precision bf16-mixed
 
+The variants run in ``--rounds`` rounds, the order rotated each round (ours, bare, diffusers; then bare,
+diffusers, ours; …), so a drift in the machine's speed (other load, clocks) falls on every variant alike;
+each variant's figure is the median over all its timed steps, and ``ratio_per_round`` shows the spread.
 Prints one JSON line and writes ``benchmarks/results/train_throughput.json``. Peak memory is
 ``torch.cuda.max_memory_allocated`` per variant on CUDA; on CPU it is the process's resident-set
-high-water mark after each variant (cumulative, so only the first variant's figure is its own).
+high-water mark after the variant's first run (cumulative, so only the first variant's figure is its own).
 """
 
 from __future__ import annotations
@@ -141,6 +144,24 @@ def summarize(times: list[float], args: argparse.Namespace, device: torch.device
     }
 
 
+def run_rounds(variants: dict[str, Any], rounds: int, batch_size: int) -> dict[str, dict[str, Any]]:
+    """Run every variant ``rounds`` times, rotating the order; pool each variant's timed steps."""
+    names = list(variants)
+    results: dict[str, dict[str, Any]] = {}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            run = variants[name]()
+            if name not in results:
+                results[name] = {**run, "round_medians": []}
+            else:
+                results[name]["step_s_all"] += run["step_s_all"]
+            results[name]["round_medians"].append(run["step_s_median"])
+    for res in results.values():
+        res["step_s_median"] = statistics.median(res["step_s_all"])
+        res["images_per_s"] = batch_size / res["step_s_median"]
+    return results
+
+
 def diffusers_unet() -> nn.Module:
     from diffusers import UNet2DModel
 
@@ -159,6 +180,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all variants, the order rotated each round")
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed", "16-mixed"])
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -168,18 +190,24 @@ def main() -> None:
     device = torch.device(args.device)
     from diffusion_lab.models import UNet
 
-    results: dict[str, Any] = {"ours": ours(args, device)}
     # The same network class and config as ours (conf/model/unet.yaml), outside Lightning.
     net = UNet(in_channels=3, resolution=32, base_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
                attention_resolutions=[16], dropout=0.1)  # fmt: skip
-    results["bare"] = bare(args, device, net, lambda m, x, t: m(x, t.float(), None))
-    results["diffusers"] = bare(args, device, diffusers_unet(), lambda m, x, t: m(x, t).sample)
+    unet2d = diffusers_unet()
+    variants = {
+        "ours": lambda: ours(args, device),
+        "bare": lambda: bare(args, device, net, lambda m, x, t: m(x, t.float(), None)),
+        "diffusers": lambda: bare(args, device, unet2d, lambda m, x, t: m(x, t).sample),
+    }
+    results = run_rounds(variants, args.rounds, args.batch_size)
+    per_round = [o / b for o, b in zip(results["ours"]["round_medians"], results["bare"]["round_medians"], strict=True)]
     record = {
         "benchmark": "train_throughput",
         "model": "conf/model/unet.yaml (Ho et al. 2020 CIFAR-10 UNet)",
         "batch_size": args.batch_size,
         "steps_timed": args.steps,
         "warmup_steps": args.warmup,
+        "rounds": args.rounds,
         "precision": args.precision,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
@@ -188,6 +216,8 @@ def main() -> None:
         "platform": platform.platform(),
         "ratio_ours_over_bare": results["ours"]["images_per_s"] / results["bare"]["images_per_s"],
         "ratio_ours_over_diffusers": results["ours"]["images_per_s"] / results["diffusers"]["images_per_s"],
+        # bare step time / ours step time, per round
+        "ratio_per_round": [1 / r for r in per_round],
         **results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
