@@ -939,6 +939,11 @@ def validate_config(cfg: DictConfig) -> None:
     # Ranges are DOMAIN_RULES; this pair of keys is checked together.
     if not (cfg.trainer.max_steps > 0 or cfg.trainer.max_epochs > 0):
         raise ConfigError("trainer.max_steps or max_epochs must be > 0")
+    if str(cfg.trainer.strategy).startswith("fsdp") and cfg.trainer.accelerator == "cpu":
+        raise ConfigError(
+            f"trainer.strategy={cfg.trainer.strategy} needs GPUs (Lightning's FSDP is CUDA-only); with "
+            "trainer.accelerator=cpu use trainer=ddp (valid strategies on CPU: auto, ddp, ddp_spawn)"
+        )
     _check_objective(cfg)
     _check_digits_metric(cfg)
     datamodule = _instantiate_axis(cfg, "dataset")  # its own checks (it is built, not set up: no data is loaded)

@@ -61,7 +61,7 @@ def build_trainer(
         run_dir / "checkpoints", cb.checkpoint_every_n_steps, cb.keep_last_k, cb.monitor, str(cb.mode), cb.save_top_k
     )
     loggers = build_loggers(cfg, run_dir, wandb_id=wandb_id) if not cfg.trainer.fast_dev_run else []
-    extra: list[L.Callback] = [*checkpoints, ExactResume(), NonFiniteGuard(NonFiniteAction(cb.nonfinite).value)]
+    extra: list[L.Callback] = [*checkpoints, ExactResume(cfg.seed), NonFiniteGuard(NonFiniteAction(cb.nonfinite).value)]
     if loggers:
         extra.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.rich_progress:

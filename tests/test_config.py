@@ -118,6 +118,7 @@ def test_enum_error_lists_valid_choices():
         (["precision=8"], "valid choices"),
         (["ema.decay=1.5"], "ema.decay"),
         (["sampler.steps=0"], "sampler.steps"),
+        (["trainer=fsdp", "trainer.accelerator=cpu"], r"needs GPUs .*valid strategies on CPU: auto, ddp"),
     ],
 )
 def test_validation_rejects_out_of_range_values(override, needle):

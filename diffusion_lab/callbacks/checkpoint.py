@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ from torch.utils.data import DataLoader, Sampler
 
 TMP_PREFIX = ".tmp-"  # temp files never end in .ckpt, so a crash leaves no file that looks like a checkpoint
 RNG_KEY = "diffusion_lab_rng"
+RNG_PER_RANK_KEY = "diffusion_lab_rng_per_rank"
+log = logging.getLogger(__name__)
 WANDB_KEY = "wandb_run_id"
 
 
@@ -181,16 +184,47 @@ class ExactResume(L.Callback):
 
     Lightning itself restores weights, optimizer, LR scheduler, loop counters and module extras (EMA,
     importance-sampler history); with these and :class:`EpochSeededSampler` a resumed run is bit-identical.
+
+    Under DDP every rank draws its own noise, times and label dropout: at fit start rank ``r`` of ``W`` is
+    reseeded with ``seed·W + r`` (as NVlabs/edm does; the network was built from ``seed`` on every rank and
+    DDP broadcasts rank 0's weights anyway), every rank's RNG state is gathered into the checkpoint
+    (``diffusion_lab_rng_per_rank``), and each rank restores its own on resume. A single process keeps the
+    ``seed`` stream untouched.
     """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1 and self.seed is not None:
+            rank_seed = (self.seed * trainer.world_size + trainer.global_rank) % 2**31
+            random.seed(rank_seed)
+            np.random.seed(rank_seed)
+            torch.manual_seed(rank_seed)  # also every CUDA device
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RNG_KEY] = rng_states()
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size  # every rank saves (Lightning writes rank 0's copy)
+            torch.distributed.all_gather_object(gathered, checkpoint[RNG_KEY])
+            checkpoint[RNG_PER_RANK_KEY] = gathered
         run_id = wandb_run_id(trainer)
         if run_id is not None:
             checkpoint[WANDB_KEY] = run_id
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if RNG_KEY in checkpoint:
+        per_rank = checkpoint.get(RNG_PER_RANK_KEY)
+        if per_rank is not None and len(per_rank) == trainer.world_size:
+            set_rng_states(per_rank[trainer.global_rank])
+        elif per_rank is not None or (RNG_KEY in checkpoint and trainer.world_size > 1):
+            log.warning(
+                "resuming on %d processes from a checkpoint written by %d: the data order continues, but the "
+                "random draws (noise, t) cannot continue exactly; each rank reseeds",
+                trainer.world_size, len(per_rank) if per_rank is not None else 1,
+            )  # fmt: skip
+            if self.seed is not None:
+                self.setup(trainer, pl_module, "fit")
+        elif RNG_KEY in checkpoint:
             set_rng_states(checkpoint[RNG_KEY])
 
 
