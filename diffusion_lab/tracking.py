@@ -207,17 +207,19 @@ def finish_run(
     info: RunInfo | None = None,
 ) -> Path:
     """Write ``summary.json``, copy the final metrics into each W&B run's summary (with the final sample
-    grid as media) and close the W&B run, so the next job of a sweep in this process gets its own run."""
+    grid and the loss-vs-log-SNR plot as media) and close the W&B run, so the next job of a sweep in this
+    process gets its own run."""
     info = info or run_info(cfg)
+    media = {"samples/final": run_dir / "samples_ema.png", "plots/loss_vs_logsnr": run_dir / "loss_vs_logsnr.png"}
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             run = logger.experiment
             run.summary.update(scalar_metrics(metrics))
-            grid = run_dir / "samples_ema.png"
-            if grid.is_file():
-                import wandb
+            for key, path in media.items():
+                if path.is_file():
+                    import wandb
 
-                run.summary["samples/final"] = wandb.Image(str(grid))
+                    run.summary[key] = wandb.Image(str(path))
             run.finish()
     return write_run_summary(run_dir, cfg, metrics, info)
 

@@ -44,6 +44,7 @@ from diffusion_lab.module import (
     load_checkpoint,
     set_num_classes,
 )
+from diffusion_lab.plots import run_loss_vs_logsnr
 from diffusion_lab.tracking import build_loggers, finish_run, objective, write_summary
 
 # The repository's conf/ (editable install), or the copy a wheel carries inside the package.
@@ -173,6 +174,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in bpd.items() if k != "protocol"}, step=steps)
         write_summary(run_dir, metrics)
+        for logger in trainer.loggers:
+            logger.save()  # the CSV is complete before it is plotted
+        run_loss_vs_logsnr(run_dir)  # loss_vs_logsnr.png from csv/metrics.csv (W&B media too)
         finish_run(run_dir, cfg, metrics, trainer.loggers)  # summary.json; closes the W&B run
     return metrics
 

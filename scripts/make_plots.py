@@ -18,9 +18,7 @@ From the run directories under the sweep (each with ``summary.json``; see script
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
-import math
 import re
 import statistics
 import sys
@@ -28,34 +26,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from diffusion_lab.plots import logsnr_profile, plot_loss_vs_logsnr, read_metrics_csv, save
 
 _spec = importlib.util.spec_from_file_location("make_table", Path(__file__).resolve().parent / "make_table.py")
 assert _spec is not None and _spec.loader is not None
 make_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_table)
-
-BUCKET_PREFIX = "train/loss_by_logsnr/"
-
-
-def read_csv(path: Path) -> list[dict[str, float]]:
-    """Rows of a Lightning CSVLogger ``metrics.csv`` as ``{column: value}``, empty cells dropped."""
-    rows = []
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return rows
-
-
-def _bucket_order(name: str) -> float:
-    """Sort key of a bucket name ``<-10``, ``[-10,-5)``, …, ``>=10``: its lower edge."""
-    if name.startswith("<"):
-        return -math.inf
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", name)
-    return float(numbers[0]) if numbers else math.inf
 
 
 def step_curves(runs: list[dict[str, Any]], by: str, metric: str, smooth: int) -> dict[str, dict[float, float]]:
@@ -65,27 +43,22 @@ def step_curves(runs: list[dict[str, Any]], by: str, metric: str, smooth: int) -
         path = Path(run["dir"]) / "csv" / "metrics.csv"
         if not path.is_file():
             continue
-        points = [(r["step"], r[metric]) for r in read_csv(path) if metric in r and "step" in r]
+        points = [(r["step"], r[metric]) for r in read_metrics_csv(path) if metric in r and "step" in r]
         for i, (step, _) in enumerate(points):
             window = [v for _, v in points[max(0, i - smooth + 1) : i + 1]]
             per_value[make_table.axis_value(run, by)][step].append(statistics.fmean(window))
     return {k: {s: statistics.fmean(v) for s, v in sorted(c.items())} for k, c in per_value.items()}
 
 
-def logsnr_curves(runs: list[dict[str, Any]], by: str, tail: int) -> tuple[list[str], dict[str, list[float]]]:
-    """Bucket names (increasing λ) and ``{axis value: mean loss per bucket}`` over each run's last ``tail`` logs."""
-    sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+def logsnr_curves(runs: list[dict[str, Any]], by: str, tail: int) -> dict[str, dict[str, float]]:
+    """``{axis value: {bucket: mean loss}}``: each run's last ``tail`` logs per bucket, averaged over the runs."""
+    profiles: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         path = Path(run["dir"]) / "csv" / "metrics.csv"
-        if not path.is_file():
-            continue
-        rows = read_csv(path)
-        for column in {c for r in rows for c in r if c.startswith(BUCKET_PREFIX)}:
-            values = [r[column] for r in rows if column in r][-tail:]
-            sums[make_table.axis_value(run, by)][column.removeprefix(BUCKET_PREFIX)].append(statistics.fmean(values))
-    buckets = sorted({b for v in sums.values() for b in v}, key=_bucket_order)
-    curves = {k: [statistics.fmean(v[b]) if v.get(b) else math.nan for b in buckets] for k, v in sums.items()}
-    return buckets, curves
+        if path.is_file():
+            for bucket, loss in logsnr_profile(read_metrics_csv(path), tail).items():
+                profiles[make_table.axis_value(run, by)][bucket].append(loss)
+    return {k: {b: statistics.fmean(v) for b, v in p.items()} for k, p in profiles.items()}
 
 
 def nfe_curves(runs: list[dict[str, Any]], by: str, pattern: str) -> tuple[str, dict[str, list[tuple[int, float]]]]:
@@ -103,14 +76,6 @@ def nfe_curves(runs: list[dict[str, Any]], by: str, pattern: str) -> tuple[str, 
     return label, {k: sorted((n, statistics.fmean(v)) for n, v in c.items()) for k, c in points.items()}
 
 
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def plot_all(sweep_dir: Path, by: str, out: Path, metric: str | None, step_metric: str, smooth: int,
              tail: int) -> list[Path]:  # fmt: skip
     """Write every plot the sweep has data for; returns the PNG paths."""
@@ -123,17 +88,12 @@ def plot_all(sweep_dir: Path, by: str, out: Path, metric: str | None, step_metri
             ax.plot(list(curve), list(curve.values()), label=f"{by}={value}")
         ax.set(xlabel="training step", ylabel=step_metric, yscale="log", title=f"{step_metric} by {by}")
         ax.legend()
-        written.append(_save(fig, out / "metric_vs_step.png"))
-    buckets, by_logsnr = logsnr_curves(runs, by, tail)
-    if buckets:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for value, losses in by_logsnr.items():
-            ax.plot(range(len(buckets)), losses, marker="o", label=f"{by}={value}")
-        ax.set_xticks(range(len(buckets)), buckets, rotation=30)
-        ax.set(xlabel="log-SNR λ bucket (noisy → clean)", ylabel="training loss", yscale="log",
-               title=f"loss vs log-SNR (last {tail} logs) by {by}")  # fmt: skip
-        ax.legend()
-        written.append(_save(fig, out / "loss_vs_logsnr.png"))
+        written.append(save(fig, out / "metric_vs_step.png"))
+    by_logsnr = logsnr_curves(runs, by, tail)
+    if by_logsnr:
+        profiles = {f"{by}={value}": profile for value, profile in by_logsnr.items()}
+        title = f"loss vs log-SNR (last {tail} logs) by {by}"
+        written.append(plot_loss_vs_logsnr(profiles, out / "loss_vs_logsnr.png", title))
     if metric is not None:
         label, by_nfe = nfe_curves(runs, by, metric)
         if by_nfe:
@@ -143,7 +103,7 @@ def plot_all(sweep_dir: Path, by: str, out: Path, metric: str | None, step_metri
             ax.set(xlabel="NFE (denoiser calls per sample)", ylabel=label, xscale="log", yscale="log",
                    title=f"{label} vs NFE")  # fmt: skip
             ax.legend()
-            written.append(_save(fig, out / "metric_vs_nfe.png"))
+            written.append(save(fig, out / "metric_vs_nfe.png"))
     return written
 
 

@@ -101,6 +101,8 @@ def test_offline_run_has_summary_media_and_summary_json(wandb_run):
     assert list(offline.glob("run-*.wandb"))
     media = sorted(p.name for p in (offline / "files" / "media" / "images").rglob("*.png"))
     assert any(n.startswith("ema_") for n in media) and any(n.startswith("final_summary") for n in media)
+    assert any(n.startswith("loss_vs_logsnr_summary") for n in media) and (run_dir / "loss_vs_logsnr.png").is_file()
+    assert read_offline_run(offline)["summary"]["plots/loss_vs_logsnr"]["_type"] == "image-file"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["group"] == "my_sweep" and summary["job_type"] == "train" and summary["tags"] == ["mine"]
     assert summary["config"]["model"]["hidden"] == 32  # the resolved config travels whole
@@ -176,3 +178,15 @@ def test_a_job_sweep_is_its_own_group_and_its_axes_replace_the_training_runs():
     assert info.group == "digits" and info.job_type == "sample" and info.name == "digits"
     assert info.tags == ["sampler:heun", "sampler.steps:7", "schedule:cosine"]
     assert sweep_group(info.name, "multirun/sampler_nfe") == "digits/sampler_nfe"
+
+
+def test_logsnr_profile_orders_buckets_by_log_snr_and_averages_the_tail():
+    from diffusion_lab.plots import logsnr_profile
+
+    b = "train/loss_by_logsnr/"
+    rows = [{"step": 1, f"{b}>=10": 9.0, f"{b}[-5,-2.5)": 1.0},
+            {"step": 2, f"{b}>=10": 3.0, f"{b}<-10": 4.0},
+            {"step": 3, f"{b}>=10": 5.0, f"{b}[-5,-2.5)": 2.0, "train/loss": 7.0}]  # fmt: skip
+    profile = logsnr_profile(rows, tail=2)
+    assert list(profile) == ["<-10", "[-5,-2.5)", ">=10"]
+    assert profile == {"<-10": 4.0, "[-5,-2.5)": 1.5, ">=10": 4.0}
