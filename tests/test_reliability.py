@@ -22,7 +22,7 @@ from diffusion_lab.callbacks.nan_guard import NonFiniteError
 from diffusion_lab.config import ConfigError, validate_config
 from diffusion_lab.module import DiffusionModule, IncompatibleCheckpointError, load_checkpoint
 from diffusion_lab.train import train
-from tests.test_train import TINY_TOY, compose_train
+from tests.test_train import TINY_DIGITS, TINY_TOY, compose_train
 
 QUIET = ["eval.num_samples=0", "eval.bpd_examples=0", "callbacks.grid_samples=0", "logger.wandb=null"]
 
@@ -163,6 +163,19 @@ def test_ddp_stop_and_resume_is_bit_identical_with_a_random_stream_per_rank(tmp_
     assert not different and any(k.startswith("ema.module.") for k in ref["state_dict"])
     rank0, rank1 = stopped[RNG_PER_RANK_KEY]
     assert not torch.equal(rank0["torch"], rank1["torch"])  # the ranks' noise streams differ
+
+
+def test_fewer_examples_per_rank_than_a_batch_is_a_clear_error(tmp_path):
+    """Instead of a run of zero steps: 512 examples over 2 ranks cannot fill a 300-example batch."""
+    from diffusion_lab.callbacks.checkpoint import check_batches_per_rank
+
+    check_batches_per_rank(512, 256, 2, drop_last=True)
+    check_batches_per_rank(512, 300, 2, drop_last=False)  # a partial batch still trains
+    with pytest.raises(ConfigError, match=r"512 examples, 256 per rank on 2 process\(es\): fewer than "):
+        check_batches_per_rank(512, 300, 2, drop_last=True)
+    with pytest.raises(ConfigError, match=r"1617 examples, 1617 per rank on 1 process\(es\): fewer than dataset"):
+        train(compose_train([*TINY_DIGITS, *QUIET, "dataset.batch_size=2000", "trainer.max_steps=2"]), tmp_path)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
 def test_data_order_depends_on_seed_and_epoch_and_skips_consumed_batches():

@@ -154,6 +154,20 @@ def test_table_from_wandb_offline_runs_and_the_wandb_api_equals_the_summary_tabl
     assert capsys.readouterr().out == from_summaries
 
 
+@pytest.mark.slow  # ~50 s: two jobs, each a 2-process CPU DDP launch
+def test_multirun_of_ddp_jobs_writes_one_directory_per_job_not_per_rank(tmp_path):
+    """Lightning relaunches rank 1 from the job's saved config into the job's own directory: a 2-job sweep of
+    2-process DDP runs leaves exactly 2 job directories, each with one summary and rank 1's log."""
+    out = tmp_path / "ddp_sweep"
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "dataset.batch_size=128"]
+    multirun(["seed=0,1", *TINY_TOY, *ddp, f"hydra.sweep.dir={out}"])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0", "1"]
+    for job in ("0", "1"):
+        summary = json.loads((out / job / "summary.json").read_text())
+        assert summary["metrics"]["train/steps"] == 5 and summary["config"]["trainer"]["devices"] == 2
+        assert (out / job / "train_ddp_process_1.log").exists() and (out / job / "checkpoints" / "last.ckpt").exists()
+
+
 @pytest.mark.slow  # ~150 s on 2 shared cores: each loky worker imports torch + Lightning
 def test_joblib_launcher_runs_two_jobs(tmp_path):
     out = tmp_path / "joblib"

@@ -304,6 +304,19 @@ def loop_position(trainer: L.Trainer) -> tuple[int, int, int, int]:
     return trainer.current_epoch, consumed, trainer.global_rank, trainer.world_size
 
 
+def check_batches_per_rank(num_examples: int, batch_size: int, world_size: int, drop_last: bool) -> None:
+    """At least one training batch per rank, or a :class:`ConfigError` (instead of a run of zero steps)."""
+    from diffusion_lab.config import ConfigError
+
+    per_rank = num_examples // world_size
+    if drop_last and per_rank < batch_size:
+        raise ConfigError(
+            f"the training split has {num_examples} examples, {per_rank} per rank on {world_size} process(es): "
+            f"fewer than dataset.batch_size={batch_size} (the per-rank batch; incomplete batches are dropped), so "
+            "no training step would run; lower dataset.batch_size or train on more data"
+        )
+
+
 def make_train_loader_resumable(datamodule: Any, trainer: L.Trainer) -> None:
     """Wrap ``datamodule.train_dataloader`` so its loader draws from an :class:`EpochSeededSampler`.
 
@@ -315,6 +328,7 @@ def make_train_loader_resumable(datamodule: Any, trainer: L.Trainer) -> None:
     def train_dataloader() -> DataLoader[Any]:
         loader: DataLoader[Any] = original()
         assert loader.batch_size is not None
+        check_batches_per_rank(len(loader.dataset), loader.batch_size, trainer.world_size, loader.drop_last)  # type: ignore[arg-type]
         sampler = EpochSeededSampler(
             len(loader.dataset),  # type: ignore[arg-type]
             loader.batch_size,
