@@ -1,6 +1,7 @@
 """Plots of a sweep, one line per value of an ablation axis, written as PNG.
 
     python scripts/make_plots.py multirun/weighting/<date> --by weighting
+    python scripts/make_plots.py multirun/weighting --by weighting,seed --step-metric val/fd_digits@500_nfe50
     python scripts/make_plots.py multirun/sampler_nfe --by sampler --metric 'val/fd_digits@*'
 
 From the run directories under the sweep (each with ``summary.json``; see scripts/make_table.py):
@@ -36,6 +37,11 @@ make_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_table)
 
 
+def line_value(run: dict[str, Any], by: str) -> str:
+    """The run's value on the line axis ``by``; several axes joined (``--by weighting,parameterization``)."""
+    return "/".join(make_table.axis_value(run, axis) for axis in by.split(","))
+
+
 def step_curves(runs: list[dict[str, Any]], by: str, metric: str, smooth: int) -> dict[str, dict[float, float]]:
     """``{axis value: {step: mean over its runs}}`` of ``metric`` from each run's csv/metrics.csv."""
     per_value: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -46,7 +52,7 @@ def step_curves(runs: list[dict[str, Any]], by: str, metric: str, smooth: int) -
         points = [(r["step"], r[metric]) for r in read_metrics_csv(path) if metric in r and "step" in r]
         for i, (step, _) in enumerate(points):
             window = [v for _, v in points[max(0, i - smooth + 1) : i + 1]]
-            per_value[make_table.axis_value(run, by)][step].append(statistics.fmean(window))
+            per_value[line_value(run, by)][step].append(statistics.fmean(window))
     return {k: {s: statistics.fmean(v) for s, v in sorted(c.items())} for k, c in per_value.items()}
 
 
@@ -57,7 +63,7 @@ def logsnr_curves(runs: list[dict[str, Any]], by: str, tail: int) -> dict[str, d
         path = Path(run["dir"]) / "csv" / "metrics.csv"
         if path.is_file():
             for bucket, loss in logsnr_profile(read_metrics_csv(path), tail).items():
-                profiles[make_table.axis_value(run, by)][bucket].append(loss)
+                profiles[line_value(run, by)][bucket].append(loss)
     return {k: {b: statistics.fmean(v) for b, v in p.items()} for k, p in profiles.items()}
 
 
@@ -71,7 +77,7 @@ def nfe_curves(runs: list[dict[str, Any]], by: str, pattern: str) -> tuple[str, 
         if hit is None or nfe is None:
             continue
         keys.add(re.sub(r"_nfe\d+", "", hit[0]))
-        points[make_table.axis_value(run, by)][int(nfe)].append(float(hit[1]))
+        points[line_value(run, by)][int(nfe)].append(float(hit[1]))
     label = next(iter(keys)) if len(keys) == 1 else pattern
     return label, {k: sorted((n, statistics.fmean(v)) for n, v in c.items()) for k, c in points.items()}
 
@@ -85,13 +91,13 @@ def plot_all(sweep_dir: Path, by: str, out: Path, metric: str | None, step_metri
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4))
         for value, curve in curves.items():
-            ax.plot(list(curve), list(curve.values()), label=f"{by}={value}")
+            ax.plot(list(curve), list(curve.values()), label=f"{by.replace(',', '/')}={value}")
         ax.set(xlabel="training step", ylabel=step_metric, yscale="log", title=f"{step_metric} by {by}")
         ax.legend()
         written.append(save(fig, out / "metric_vs_step.png"))
     by_logsnr = logsnr_curves(runs, by, tail)
     if by_logsnr:
-        profiles = {f"{by}={value}": profile for value, profile in by_logsnr.items()}
+        profiles = {f"{by.replace(',', '/')}={value}": profile for value, profile in by_logsnr.items()}
         title = f"loss vs log-SNR (last {tail} logs) by {by}"
         written.append(plot_loss_vs_logsnr(profiles, out / "loss_vs_logsnr.png", title))
     if metric is not None:
@@ -99,7 +105,7 @@ def plot_all(sweep_dir: Path, by: str, out: Path, metric: str | None, step_metri
         if by_nfe:
             fig, ax = plt.subplots(figsize=(6, 4))
             for value, pts in by_nfe.items():
-                ax.plot([n for n, _ in pts], [m for _, m in pts], marker="o", label=f"{by}={value}")
+                ax.plot([n for n, _ in pts], [m for _, m in pts], marker="o", label=f"{by.replace(',', '/')}={value}")
             ax.set(xlabel="NFE (denoiser calls per sample)", ylabel=label, xscale="log", yscale="log",
                    title=f"{label} vs NFE")  # fmt: skip
             ax.legend()
@@ -110,7 +116,7 @@ def plot_all(sweep_dir: Path, by: str, out: Path, metric: str | None, step_metri
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--by", required=True, help="the axis with one line per value (schedule, sampler, …)")
+    parser.add_argument("--by", required=True, help="the axis with one line per value (schedule, sampler, …): a or a,b")
     parser.add_argument("--out", type=Path, help="where the PNGs go (default: <sweep_dir>/plots)")
     parser.add_argument("--metric", help="sample metric for metric_vs_nfe.png, e.g. 'val/fd_digits@*'")
     parser.add_argument("--step-metric", default="train/loss")

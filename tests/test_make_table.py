@@ -119,6 +119,8 @@ def test_make_plots_writes_pngs_from_a_synthetic_sweep(tmp_path):
     by_logsnr = make_plots.logsnr_curves(make_table_runs(tmp_path, make_plots), "schedule", tail=3)
     assert list(by_logsnr["linear"]) == buckets
     assert list(by_logsnr["linear"].values()) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    curves = make_plots.step_curves(make_table_runs(tmp_path, make_plots), "schedule,seed", "train/loss", smooth=1)
+    assert set(curves) == {"linear/0", "cosine/0"} and curves["linear/0"][5.0] == pytest.approx(1 / 6)
 
 
 def make_table_runs(path, make_plots):
