@@ -353,7 +353,9 @@ def _apply_items(target: dict[str, Any], items: Iterable[Any]) -> None:
 
 def read_offline_run(path: str | Path) -> dict[str, Any]:
     """A W&B offline run (its ``run-<id>.wandb`` log, its directory, or a ``wandb/`` directory holding one run)
-    as ``{"id", "group", "job_type", "tags", "config", "summary", "dir"}``: what the W&B UI shows once synced."""
+    as ``{"id", "group", "job_type", "tags", "config", "summary", "dir", "finished"}``: what the W&B UI shows once
+    synced. ``finished`` is False until the log holds the run's exit record: W&B's writer may still be flushing
+    it after ``run.finish()`` returns, or the run was killed; what is read then may be partial."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     path = Path(path)
@@ -364,7 +366,7 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"expected one W&B run log (run-*.wandb) in {path}, found {len(logs)}")
     log = logs[0]
     run: dict[str, Any] = {"id": "", "group": "", "job_type": "", "tags": [], "config": {}, "summary": {},
-                           "dir": str(log.parent)}  # fmt: skip
+                           "dir": str(log.parent), "finished": False}  # fmt: skip
     for raw in _log_records(log):
         record = pb.Record()  # type: ignore[attr-defined]
         record.ParseFromString(raw)
@@ -379,5 +381,7 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
             _apply_items(run["summary"], record.summary.update)
             for item in record.summary.remove:
                 run["summary"].pop(item.key or item.nested_key[0], None)
+        elif kind == "exit":
+            run["finished"] = True
     run["config"].pop("_wandb", None)
     return run

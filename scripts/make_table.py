@@ -86,6 +86,9 @@ def load_wandb_offline_runs(root: Path, group: str | None = None) -> list[Run]:
     runs = []
     for run_dir in sorted(root.rglob("offline-run-*")):
         run = read_offline_run(run_dir)
+        if not run["finished"]:
+            print(f"warning: {run_dir} has no exit record (running, killed or still flushing): it may be partial",
+                  file=sys.stderr)  # fmt: skip
         if group is None or run["group"] == group:
             runs.append(_from_wandb(run["config"], run["summary"], run["dir"]))
     if not runs:

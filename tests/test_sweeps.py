@@ -138,7 +138,8 @@ def test_table_from_wandb_offline_runs_and_the_wandb_api_equals_the_summary_tabl
         make_table.main([str(sweep_dir), "--wandb-offline", "--group", "other", *args])
 
     offline = [read_offline_run(p) for p in sorted(sweep_dir.rglob("offline-run-*"))]
-    assert len(offline) == 4 and {r["job_type"] for r in offline} == {"train"}
+    assert len(offline) == 4 and all(r["finished"] for r in offline)  # the subprocess exited: logs complete
+    assert {r["job_type"] for r in offline} == {"train"}
 
     class ApiRun:  # what wandb.Api().runs() yields once the offline runs are synced: config, summary, url
         def __init__(self, run):
@@ -209,9 +210,9 @@ def test_sampler_nfe_script_writes_one_run_per_combination(sweep_dir, tmp_path, 
     assert set(summaries) == {"ddim_steps2", "ddim_steps3", "heun_steps2", "heun_steps3"}
     assert summaries["heun_steps3"]["metrics"]["nfe"] == 5 and summaries["heun_steps3"]["job_type"] == "sample"
     assert "val/energy_distance@32_nfe5" in summaries["heun_steps3"]["metrics"]
-    from diffusion_lab.tracking import read_offline_run
+    from tests.test_tracking import read_finished_run
 
-    wandb_run = read_offline_run(out / "heun_steps3" / "wandb")
+    wandb_run = read_finished_run(out / "heun_steps3" / "wandb")
     assert (wandb_run["group"], wandb_run["job_type"]) == ("sampler_nfe", "sample")
     assert wandb_run["summary"]["nfe"] == 5 and "sampler:heun" in wandb_run["tags"]
     assert wandb_run["config"]["train_run"]["group"] == "schedule_x_param"

@@ -1,6 +1,7 @@
 """diffusion_lab/tracking.py: W&B group / job_type / tags, the resolved config, summary.json, the sweep objective."""
 
 import json
+import time
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -102,7 +103,7 @@ def test_offline_run_has_summary_media_and_summary_json(wandb_run):
     media = sorted(p.name for p in (offline / "files" / "media" / "images").rglob("*.png"))
     assert any(n.startswith("ema_") for n in media) and any(n.startswith("final_summary") for n in media)
     assert any(n.startswith("loss_vs_logsnr_summary") for n in media) and (run_dir / "loss_vs_logsnr.png").is_file()
-    assert read_offline_run(offline)["summary"]["plots/loss_vs_logsnr"]["_type"] == "image-file"
+    assert read_finished_run(offline)["summary"]["plots/loss_vs_logsnr"]["_type"] == "image-file"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["group"] == "my_sweep" and summary["job_type"] == "train" and summary["tags"] == ["mine"]
     assert summary["config"]["model"]["hidden"] == 32  # the resolved config travels whole
@@ -115,7 +116,7 @@ def test_offline_run_log_holds_what_summary_json_holds(wandb_run):
     and the final metrics that summary.json mirrors."""
     run_dir, _, _ = wandb_run
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
-    run = read_offline_run(offline)
+    run = read_finished_run(offline)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (run["group"], run["job_type"], run["tags"]) == ("my_sweep", "train", ["mine"])
     assert run["config"]["model"] == summary["config"]["model"] and run["config"]["seed"] == 0
@@ -124,6 +125,15 @@ def test_offline_run_log_holds_what_summary_json_holds(wandb_run):
             assert run["summary"][key] == pytest.approx(value, rel=1e-12)
     with pytest.raises(ValueError, match="not a W&B run log"):
         read_offline_run(run_dir / "summary.json")
+
+
+def read_finished_run(path, timeout=60.0):
+    """The offline run once W&B's writer has flushed its exit record (it may lag ``run.finish()`` under load)."""
+    deadline = time.monotonic() + timeout
+    while not (run := read_offline_run(path))["finished"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert run["finished"], f"{path}: no exit record after {timeout} s"
+    return run
 
 
 def _compose_job(name, overrides):
@@ -141,7 +151,7 @@ def test_sample_and_eval_jobs_are_w_and_b_runs_in_the_training_runs_group(wandb_
     run_dir, _, _ = wandb_run
     ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
     (train_offline,) = list((run_dir / "wandb").glob("offline-run-*"))
-    train_id = read_offline_run(train_offline)["id"]
+    train_id = read_finished_run(train_offline)["id"]
     wb = ["logger.wandb.mode=offline"]
 
     cfg = _compose_job("sample", [ckpt, "sampler=euler", "sampler.steps=3", "num_samples=4", "grid=true", *wb])
@@ -154,7 +164,7 @@ def test_sample_and_eval_jobs_are_w_and_b_runs_in_the_training_runs_group(wandb_
 
     for job, out_dir in (("sample", out), ("eval", tmp_path / "eval")):
         (offline,) = list((out_dir / "wandb").glob("offline-run-*"))
-        run = read_offline_run(offline)
+        run = read_finished_run(offline)
         summary = json.loads((out_dir / "summary.json").read_text())
         assert run["group"] == summary["group"] == "my_sweep" and run["job_type"] == summary["job_type"] == job
         assert run["tags"] == ["mine"] and run["config"]["train"]["model"]["hidden"] == 32
