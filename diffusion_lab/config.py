@@ -708,7 +708,7 @@ class SampleConfig:
     guidance_scale: float | None = None
     # Labels of a class-conditional model, cycled over sample indices (null: 0, 1, …, num_classes − 1).
     class_labels: list[int] | None = None
-    name: str | None = None  # W&B run name prefix and group outside a sweep (null: the training run's)
+    name: str | None = None  # W&B run name prefix (null: the training run's name)
     logger: JobLoggerConfig = field(default_factory=JobLoggerConfig)
 
 
@@ -753,7 +753,7 @@ class EvaluateConfig:
     num_samples: int = 1000
     guidance_scale: float | None = None
     ref_stats_only: bool = False  # compute + cache the reference statistics (and fid_floor@num_samples), then exit
-    name: str | None = None  # W&B run name prefix and group outside a sweep (null: the training run's)
+    name: str | None = None  # W&B run name prefix (null: the training run's name)
     logger: JobLoggerConfig = field(default_factory=JobLoggerConfig)
 
 

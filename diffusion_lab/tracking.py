@@ -320,6 +320,8 @@ def _log_records(path: Path) -> Iterable[bytes]:
     import zlib
 
     data = path.read_bytes()
+    if len(data) < 7:
+        return  # just created: not even the header is written yet (an unfinished run)
     if data[:4] != _LOG_MAGIC:
         raise ValueError(f"{path} is not a W&B run log (it does not start with {_LOG_MAGIC!r})")
     pos, record = 7, b""  # 7-byte file header: magic, 2-byte version magic, 1-byte version
@@ -380,7 +382,10 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
         elif kind == "summary":
             _apply_items(run["summary"], record.summary.update)
             for item in record.summary.remove:
-                run["summary"].pop(item.key or item.nested_key[0], None)
+                node, keys = run["summary"], [item.key] if item.key else list(item.nested_key)
+                for key in keys[:-1]:
+                    node = node.get(key, {})
+                node.pop(keys[-1], None)
         elif kind == "exit":
             run["finished"] = True
     run["config"].pop("_wandb", None)

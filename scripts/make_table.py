@@ -16,6 +16,9 @@ A metric pattern may use ``*`` to match the protocol suffix (sample count, NFE).
 Cells of a pivot table are the mean ± sample standard deviation over the runs that share the row and column
 values (e.g. seeds).
 Formats: ``markdown`` (default), ``latex`` (booktabs), ``csv`` (long form: axes, metric, mean, std, n).
+A W&B group also holds the sample/eval jobs filed with its training runs: ``--job-type auto`` (default) tables the
+training runs when there are any, ``--job-type eval|sample|any`` the others. A resumed run's offline segments
+(one directory per process) count once, with the latest segment's record.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def _from_summary(summary: dict[str, Any], run_dir: Path) -> Run:
         "config": summary.get("config", {}),
         "metrics": summary.get("metrics", {}),
         "dir": run_dir,
+        "job_type": summary.get("job_type"),
     }
 
 
@@ -72,7 +76,7 @@ def load_wandb_runs(path: str, group: str | None = None) -> list[Run]:
 
     filters = {"group": group} if group else {}
     api_runs = wandb.Api().runs(path, filters=filters)
-    runs = [_from_wandb(dict(run.config), dict(run.summary), run.url) for run in api_runs]
+    runs = [_from_wandb(dict(r.config), dict(r.summary), r.url, getattr(r, "job_type", None)) for r in api_runs]
     if not runs:
         raise SystemExit(f"no W&B runs in {path}" + (f" group {group}" if group else ""))
     return runs
@@ -83,27 +87,43 @@ def load_wandb_offline_runs(root: Path, group: str | None = None) -> list[Run]:
     group: the table W&B will show once the runs are synced, built without the network."""
     from diffusion_lab.tracking import read_offline_run
 
-    runs = []
-    for run_dir in sorted(root.rglob("offline-run-*")):
+    latest: dict[str, dict[str, Any]] = {}  # a resumed run has one offline directory per process: keep the last
+    for run_dir in sorted(root.rglob("offline-run-*"), key=lambda d: d.name):  # offline-run-<time>-<id>
         run = read_offline_run(run_dir)
-        if not run["finished"]:
-            print(f"warning: {run_dir} has no exit record (running, killed or still flushing): it may be partial",
-                  file=sys.stderr)  # fmt: skip
         if group is None or run["group"] == group:
-            runs.append(_from_wandb(run["config"], run["summary"], run["dir"]))
+            latest[run["id"] or str(run_dir)] = run
+    runs = []
+    for run in latest.values():
+        if not run["finished"]:
+            print(f"warning: {run['dir']} has no exit record (running, killed or still flushing): it may be partial",
+                  file=sys.stderr)  # fmt: skip
+        runs.append(_from_wandb(run["config"], run["summary"], run["dir"], run["job_type"]))
     if not runs:
         raise SystemExit(f"no W&B offline runs under {root}" + (f" in group {group}" if group else ""))
     return runs
 
 
-def _from_wandb(config: dict[str, Any], summary: dict[str, Any], where: str) -> Run:
+def _from_wandb(config: dict[str, Any], summary: dict[str, Any], where: str, job_type: str | None) -> Run:
     """A W&B run's config (the resolved config + ``hydra_choices`` + ``overrides``) and summary as a :data:`Run`."""
     choices = config.pop("hydra_choices", {}) or {}
     overrides = [o.lstrip("+~") for o in config.pop("overrides", []) or []]
     return {
         "overrides": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra.")),
-        "choices": choices, "config": config, "metrics": summary, "dir": where,
+        "choices": choices, "config": config, "metrics": summary, "dir": where, "job_type": job_type or None,
     }  # fmt: skip
+
+
+def select_job_type(runs: list[Run], job_type: str) -> list[Run]:
+    """``auto``: the training runs when there are any (a group also holds its sample/eval jobs, whose config is
+    the job's, with the training run's under ``train``), else every run; ``any``: every run; else that type.
+    Runs that do not record a job type are kept."""
+    if job_type == "any" or (job_type == "auto" and not any(r.get("job_type") == "train" for r in runs)):
+        return runs
+    wanted = "train" if job_type == "auto" else job_type
+    kept = [r for r in runs if r.get("job_type") in (wanted, None)]
+    if not kept:
+        raise SystemExit(f"no runs with job_type={wanted}; found {sorted({str(r.get('job_type')) for r in runs})}")
+    return kept
 
 
 def axis_value(run: Run, axis: str) -> str:
@@ -305,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         help="read the W&B offline runs under sweep_dir (W&B's own record) instead of summary.json",
     )
     parser.add_argument("--group", help="with --wandb / --wandb-offline: only this group (sweep)")
+    parser.add_argument(
+        "--job-type",
+        default="auto",
+        help="train / sample / eval / any; auto: the training runs when there are any, else all",
+    )
     args = parser.parse_args(argv)
     if args.wandb:
         runs = load_wandb_runs(args.wandb, args.group)
@@ -314,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(args.sweep_dir)
     else:
         parser.error("give a sweep directory or --wandb ENTITY/PROJECT")
+    runs = select_job_type(runs, args.job_type)
     if args.rows or args.cols:
         table = pivot(runs, args.rows, args.cols, args.metrics)
         print(render_pivot(table, args.rows, args.cols, args.format, args.digits))

@@ -125,3 +125,18 @@ def test_make_plots_writes_pngs_from_a_synthetic_sweep(tmp_path):
 
 def make_table_runs(path, make_plots):
     return make_plots.make_table.load_runs(path)
+
+
+def test_a_group_with_eval_jobs_tables_its_training_runs_unless_asked(tmp_path, make_table, capsys):
+    """dlab-evaluate files its jobs in the training run's group: the default table keeps the training runs."""
+    for i, (job, fd) in enumerate([("train", 5.0), ("eval", 9.0)]):
+        (tmp_path / str(i)).mkdir()
+        summary = {"choices": {"schedule": "cosine"}, "overrides": [], "config": {}, "metrics": {"val/fd@1k": fd},
+                   "job_type": job}  # fmt: skip
+        (tmp_path / str(i) / "summary.json").write_text(json.dumps(summary))
+    for job_type, expected in (("auto", "5"), ("eval", "9")):
+        args = [str(tmp_path), "--rows", "schedule", "--metric", "val/fd@*", "--job-type", job_type]
+        assert make_table.main(args) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == f"| cosine | {expected} |"
+    with pytest.raises(SystemExit, match=r"no runs with job_type=sample; found \['eval', 'train'\]"):
+        make_table.main([str(tmp_path), "--job-type", "sample"])

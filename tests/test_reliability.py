@@ -171,6 +171,8 @@ def test_fewer_examples_per_rank_than_a_batch_is_a_clear_error(tmp_path):
 
     check_batches_per_rank(512, 256, 2, drop_last=True)
     check_batches_per_rank(512, 300, 2, drop_last=False)  # a partial batch still trains
+    with pytest.raises(ConfigError, match="0 per rank on 4"):
+        check_batches_per_rank(3, 2, 4, drop_last=False)
     with pytest.raises(ConfigError, match=r"512 examples, 256 per rank on 2 process\(es\): fewer than "):
         check_batches_per_rank(512, 300, 2, drop_last=True)
     with pytest.raises(ConfigError, match=r"1617 examples, 1617 per rank on 1 process\(es\): fewer than dataset"):
@@ -197,8 +199,15 @@ def test_resume_continues_the_wandb_run(tmp_path):
     run_id = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")[WANDB_KEY]
     train(compose_train([*overrides, "logger.wandb.mode=offline", "trainer.max_steps=4", "resume=true"]), tmp_path)
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
-    assert runs and all(name.endswith(run_id) for name in runs), (run_id, runs)
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), (run_id, runs)
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")[WANDB_KEY] == run_id
+    # A table from W&B's record counts the resumed run once, with the second segment's final metrics.
+    from tests.test_sweeps import _script
+    from tests.test_tracking import read_finished_run
+
+    read_finished_run(tmp_path / "wandb" / runs[1])
+    (run,) = _script("make_table").load_wandb_offline_runs(tmp_path)
+    assert run["metrics"]["trainer/global_step"] == 4 and run["job_type"] == "train"  # the resumed segment
 
 
 # ------------------------------------------------------------------------------------------ incompatible

@@ -219,10 +219,12 @@ class ExactResume(L.Callback):
         elif per_rank is not None or (RNG_KEY in checkpoint and trainer.world_size > 1):
             log.warning(
                 "resuming on %d processes from a checkpoint written by %d: the data order continues, but the "
-                "random draws (noise, t) cannot continue exactly; each rank reseeds",
+                "random draws (noise, t) cannot continue exactly",
                 trainer.world_size, len(per_rank) if per_rank is not None else 1,
             )  # fmt: skip
-            if self.seed is not None:
+            if trainer.world_size == 1:  # one process: continue rank 0's stream
+                set_rng_states(per_rank[0] if per_rank is not None else checkpoint[RNG_KEY])
+            elif self.seed is not None:
                 self.setup(trainer, pl_module, "fit")
         elif RNG_KEY in checkpoint:
             set_rng_states(checkpoint[RNG_KEY])
@@ -309,7 +311,7 @@ def check_batches_per_rank(num_examples: int, batch_size: int, world_size: int, 
     from diffusion_lab.config import ConfigError
 
     per_rank = num_examples // world_size
-    if drop_last and per_rank < batch_size:
+    if per_rank < (batch_size if drop_last else 1):
         raise ConfigError(
             f"the training split has {num_examples} examples, {per_rank} per rank on {world_size} process(es): "
             f"fewer than dataset.batch_size={batch_size} (the per-rank batch; incomplete batches are dropped), so "
