@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks import generate_in_batches, sampling_protocol, save_png
-from diffusion_lab.callbacks.checkpoint import WANDB_KEY
+from diffusion_lab.callbacks.checkpoint import RUN_KEY, WANDB_KEY
 from diffusion_lab.config import ConfigError, check_guidance, check_sampler, register_configs
 from diffusion_lab.module import load_checkpoint, load_module
 from diffusion_lab.tracking import track_job, training_run
@@ -103,7 +103,7 @@ def track(
     training run (:func:`diffusion_lab.tracking.track_job`); returns the summary's path."""
     ckpt = load_checkpoint(cfg.ckpt_path)
     train_config = ckpt["diffusion_lab_config"]
-    train = training_run(cfg.ckpt_path, train_config, ckpt.get(WANDB_KEY))
+    train = training_run(cfg.ckpt_path, train_config, ckpt.get(WANDB_KEY), ckpt.get(RUN_KEY))
     return track_job(cfg, out_dir, job_type, metrics, train_config, train, media)
 
 

@@ -239,18 +239,24 @@ def objective(metrics: Mapping[str, Any], pattern: str | None) -> float | None:
 # ------------------------------------------------------------------------------------ sample / eval jobs
 
 
-def training_run(ckpt_path: str | Path, train_config: Mapping[str, Any], wandb_id: str | None) -> dict[str, Any]:
+def training_run(
+    ckpt_path: str | Path,
+    train_config: Mapping[str, Any],
+    wandb_id: str | None,
+    filed: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """What a job on a checkpoint records of its training run: name, group, tags (from ``summary.json`` when the
-    checkpoint sits in ``<run dir>/checkpoints/``), run directory and W&B run id."""
+    checkpoint sits in ``<run dir>/checkpoints/`` of a finished run, else ``filed``: what the checkpoint stores
+    of them), run directory and W&B run id."""
     run_dir = Path(ckpt_path).resolve().parent.parent
     summary_path = run_dir / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else dict(filed or {})
     name = str(summary.get("name") or train_config.get("name", "default"))
     return {
         "name": name,
         "group": summary.get("group") or name,
         "tags": list(summary.get("tags", [])),
-        "run_dir": str(run_dir) if summary else None,
+        "run_dir": str(run_dir) if summary_path.is_file() else None,
         "wandb_id": wandb_id,
     }
 
@@ -266,7 +272,10 @@ def job_info(cfg: DictConfig, job_type: str, train: Mapping[str, Any]) -> RunInf
     sweep_dir = ctx.get("sweep_dir")
     group = (wb.group if wb is not None else None) or (sweep_group(name, sweep_dir) if sweep_dir else train["group"])
     kind = (wb.job_type if wb is not None and wb.job_type else None) or job_type
-    own = ablation_tags(ctx.get("choices", {}), ctx.get("overrides", []), list(wb.tags) if wb is not None else [])
+    overrides = ctx.get("overrides", [])
+    requested = {o.lstrip("+~").partition("=")[0] for o in overrides}
+    choices = {k: v for k, v in ctx.get("choices", {}).items() if k in requested}  # not the job config's defaults
+    own = ablation_tags(choices, overrides, list(wb.tags) if wb is not None else [])
     axes = {t.split(":", 1)[0].split(".", 1)[0] for t in own}
     inherited = [t for t in train["tags"] if t.split(":", 1)[0].split(".", 1)[0] not in axes]
     tags = list(dict.fromkeys([*own, *inherited]))

@@ -45,7 +45,7 @@ from diffusion_lab.module import (
     set_num_classes,
 )
 from diffusion_lab.plots import run_loss_vs_logsnr
-from diffusion_lab.tracking import build_loggers, finish_run, objective, write_summary
+from diffusion_lab.tracking import build_loggers, finish_run, objective, run_info, write_summary
 
 # The repository's conf/ (editable install), or the copy a wheel carries inside the package.
 _PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
@@ -61,8 +61,11 @@ def build_trainer(
     checkpoints = checkpoint_callbacks(
         run_dir / "checkpoints", cb.checkpoint_every_n_steps, cb.keep_last_k, cb.monitor, str(cb.mode), cb.save_top_k
     )
-    loggers = build_loggers(cfg, run_dir, wandb_id=wandb_id) if not cfg.trainer.fast_dev_run else []
-    extra: list[L.Callback] = [*checkpoints, ExactResume(cfg.seed), NonFiniteGuard(NonFiniteAction(cb.nonfinite).value)]
+    info = run_info(cfg)
+    loggers = build_loggers(cfg, run_dir, info, wandb_id=wandb_id) if not cfg.trainer.fast_dev_run else []
+    filed = {"name": info.name, "group": info.group, "tags": list(info.tags)}
+    guard = NonFiniteGuard(NonFiniteAction(cb.nonfinite).value)
+    extra: list[L.Callback] = [*checkpoints, ExactResume(cfg.seed, filed), guard]
     if loggers:
         extra.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.rich_progress:

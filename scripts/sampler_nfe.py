@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion_lab.callbacks import generate_in_batches
-from diffusion_lab.callbacks.checkpoint import WANDB_KEY
+from diffusion_lab.callbacks.checkpoint import RUN_KEY, WANDB_KEY
 from diffusion_lab.config import register_configs
 from diffusion_lab.metrics import protocol_key
 from diffusion_lab.module import load_checkpoint, load_module
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise SystemExit(f"the run at {args.ckpt} has metrics=none: nothing to score")
     reference = datamodule.train_tensor()[:MAX_REFERENCE]
     written = []
-    train = training_run(args.ckpt, module.config, load_checkpoint(args.ckpt).get(WANDB_KEY))
+    ckpt = load_checkpoint(args.ckpt)
+    train = training_run(args.ckpt, module.config, ckpt.get(WANDB_KEY), ckpt.get(RUN_KEY))
     for name in args.samplers:
         for steps in args.steps:
             written.append(score_one(args, module, metric, reference, name, steps, train))

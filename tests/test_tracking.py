@@ -200,3 +200,28 @@ def test_logsnr_profile_orders_buckets_by_log_snr_and_averages_the_tail():
     profile = logsnr_profile(rows, tail=2)
     assert list(profile) == ["<-10", "[-5,-2.5)", ">=10"]
     assert profile == {"<-10": 4.0, "[-5,-2.5)": 1.5, ">=10": 4.0}
+
+
+def test_a_job_on_an_unfinished_runs_checkpoint_is_filed_from_what_the_checkpoint_stores(wandb_run, tmp_path):
+    """Before summary.json exists (training still going, or killed), the checkpoint's own record of the run's
+    name, group and tags files the job; an evaluate job's default metrics choice is not one of its axes."""
+    from diffusion_lab.callbacks.checkpoint import RUN_KEY
+    from diffusion_lab.module import load_checkpoint
+    from diffusion_lab.tracking import training_run
+
+    run_dir, _, _ = wandb_run
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt[RUN_KEY] == {"name": "toy2d", "group": "my_sweep", "tags": ["mine"]}
+    filed = {"name": "digits", "group": "digits/2026-11-23_10-00-00", "tags": ["schedule:cosine", "metrics:digits_fd"]}
+    (tmp_path / "checkpoints").mkdir()
+    train = training_run(tmp_path / "checkpoints" / "last.ckpt", {"name": "digits"}, None, filed)
+    assert train["group"] == "digits/2026-11-23_10-00-00" and train["run_dir"] is None
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("evaluate", overrides=["ckpt_path=x.ckpt", "scores=[bpd]"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        info = job_info(cfg, "eval", train)
+    finally:
+        HydraConfig.instance().cfg = None  # type: ignore[assignment]
+    assert info.group == "digits/2026-11-23_10-00-00"
+    assert info.tags == ["scores:[bpd]", "schedule:cosine", "metrics:digits_fd"]

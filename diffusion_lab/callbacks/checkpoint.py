@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 TMP_PREFIX = ".tmp-"  # temp files never end in .ckpt, so a crash leaves no file that looks like a checkpoint
 RNG_KEY = "diffusion_lab_rng"
 RNG_PER_RANK_KEY = "diffusion_lab_rng_per_rank"
+RUN_KEY = "diffusion_lab_run"  # how the run is filed (name, group, tags), for sample/eval jobs on its checkpoints
 log = logging.getLogger(__name__)
 WANDB_KEY = "wandb_run_id"
 
@@ -180,7 +181,8 @@ def _python_state_from_plain(plain: dict[str, Any]) -> tuple[Any, ...]:
 
 
 class ExactResume(L.Callback):
-    """Saves the global RNG states and the W&B run id in every checkpoint; restores the RNGs on resume.
+    """Saves the global RNG states, the W&B run id and ``run`` (name, group, tags) in every checkpoint;
+    restores the RNGs on resume.
 
     Lightning itself restores weights, optimizer, LR scheduler, loop counters and module extras (EMA,
     importance-sampler history); with these and :class:`EpochSeededSampler` a resumed run is bit-identical.
@@ -192,8 +194,9 @@ class ExactResume(L.Callback):
     ``seed`` stream untouched.
     """
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, run: dict[str, Any] | None = None) -> None:
         self.seed = seed
+        self.run = run
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.world_size > 1 and self.seed is not None:
@@ -211,6 +214,8 @@ class ExactResume(L.Callback):
         run_id = wandb_run_id(trainer)
         if run_id is not None:
             checkpoint[WANDB_KEY] = run_id
+        if self.run is not None:
+            checkpoint[RUN_KEY] = self.run
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         per_rank = checkpoint.get(RNG_PER_RANK_KEY)
