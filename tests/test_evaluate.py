@@ -13,14 +13,7 @@ import torch
 
 from diffusion_lab.callbacks.evaluation import shard_indices
 from diffusion_lab.metrics import metric_key
-
-TINY_TOY = [
-    "experiment=toy2d",
-    "model.hidden=32",
-    "model.num_layers=2",
-    "dataset.num_train=2048",
-    "dataset.num_val=256",
-]
+from tests.test_train import TINY_DIGITS, TINY_TOY
 
 
 def test_shards_are_disjoint_and_cover_every_index() -> None:
@@ -107,8 +100,6 @@ def test_ddp_sharded_generation_equals_single_process(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ dlab-evaluate scores
 
-TINY_DIGITS = ["model.base_channels=16", "model.num_groups=4", "dataset.batch_size=16"]
-
 
 def _compose(name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
@@ -137,29 +128,6 @@ def toy_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _train(tmp_path_factory, "digits", TINY_DIGITS)
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init torch-fidelity InceptionV3 (He-normal convs), saved as a local weights file."""
-    from unittest import mock
-
-    from torch import nn
-    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
-
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    with (
-        torch.random.fork_rng(devices=[]),
-        mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}),
-        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None),
-    ):
-        torch.manual_seed(0)
-        model = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def test_evaluate_toy_scores_with_another_sampler(toy_ckpt: Path, tmp_path: Path) -> None:

@@ -18,8 +18,7 @@ import pytest
 import torch
 import torch_fidelity
 import torch_fidelity.utils
-from torch import Tensor, nn
-from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+from torch import Tensor
 
 from diffusion_lab.metrics import fidelity
 from diffusion_lab.metrics.fidelity import (
@@ -31,24 +30,6 @@ from diffusion_lab.metrics.fidelity import (
     resolve_inception_weights,
     to_uint8,
 )
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init InceptionV3 state dict (He-normal convs, so features neither vanish nor explode)."""
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    with (
-        torch.random.fork_rng(devices=[]),
-        mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}),
-        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None),
-    ):
-        torch.manual_seed(0)
-        model = tf_inception.FeatureExtractorInceptionV3(INCEPTION, ["2048"])
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def _images(n: int, seed: int, channels: int = 3, high: int = 256) -> tuple[Tensor, Tensor]:
