@@ -323,12 +323,13 @@ def build_network(model_cfg: DictConfig, data_shape: Sequence[int], learned_vari
     return instantiate(model_cfg, **{key: 2 * int(data_shape[0])})
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``: no arbitrary pickle execution)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``: no arbitrary pickle execution). ``mmap``: map the tensors
+    instead of reading them (for callers that only need the config and bookkeeping entries)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt_path=<path to a .ckpt file>)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     if "diffusion_lab_config" not in ckpt:
         raise ValueError(f"{path} is not a diffusion_lab checkpoint (no 'diffusion_lab_config' entry)")
     return ckpt

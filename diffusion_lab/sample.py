@@ -101,7 +101,7 @@ def track(
 ) -> Path:
     """Record a ``sample`` / ``eval`` job on ``cfg.ckpt_path``: ``summary.json`` + a W&B run grouped with the
     training run (:func:`diffusion_lab.tracking.track_job`); returns the summary's path."""
-    ckpt = load_checkpoint(cfg.ckpt_path)
+    ckpt = load_checkpoint(cfg.ckpt_path, mmap=True)  # the config and run entries; the weights stay on disk
     train_config = ckpt["diffusion_lab_config"]
     train = training_run(cfg.ckpt_path, train_config, ckpt.get(WANDB_KEY), ckpt.get(RUN_KEY))
     return track_job(cfg, out_dir, job_type, metrics, train_config, train, media)

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise SystemExit(f"the run at {args.ckpt} has metrics=none: nothing to score")
     reference = datamodule.train_tensor()[:MAX_REFERENCE]
     written = []
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = load_checkpoint(args.ckpt, mmap=True)  # the W&B id and run entries; the weights stay on disk
     train = training_run(args.ckpt, module.config, ckpt.get(WANDB_KEY), ckpt.get(RUN_KEY))
     for name in args.samplers:
         for steps in args.steps:
