@@ -118,11 +118,32 @@ def run_info(cfg: DictConfig, job_type: str | None = None) -> RunInfo:
     wb = cfg.get("logger", {}).get("wandb") if "logger" in cfg else None
     name = str(cfg.get("name", "default"))
     group = wb.group if wb is not None and wb.group else sweep_group(name, ctx.get("sweep_dir"))
-    kind = (wb.job_type if wb is not None and wb.job_type else None) or job_type or "train"
+    kind = _job_type(wb, job_type or "train")
     extra = list(wb.tags) if wb is not None else []
     tags = ablation_tags(ctx.get("choices", {}), ctx.get("overrides", []), extra)
     return RunInfo(name, group, kind, tags, ctx.get("choices", {}), ctx.get("overrides", []),
                    ctx.get("sweep_dir"), ctx.get("job_num"))  # fmt: skip
+
+
+def _job_type(wb: Any, default: str) -> str:
+    """``logger.wandb.job_type`` when set, else the entry point's ``default``."""
+    return (wb.job_type if wb is not None and wb.job_type else None) or default
+
+
+def _wandb_mode_of(wb: Any) -> str:
+    """The W&B mode of a ``logger.wandb`` node (``disabled`` when the node is null; ``auto`` resolved)."""
+    return wandb_mode(str(getattr(wb.mode, "value", wb.mode))) if wb is not None else "disabled"
+
+
+def _close_wandb_run(run: Any, metrics: Mapping[str, Any], media: Mapping[str, Path]) -> None:
+    """Put the scalar ``metrics`` and the existing ``media`` images in the W&B run's summary, then finish it."""
+    import wandb
+
+    run.summary.update(scalar_metrics(metrics))
+    for key, path in media.items():
+        if path.is_file():
+            run.summary[key] = wandb.Image(str(path))
+    run.finish()
 
 
 def wandb_mode(requested: str) -> str:
@@ -150,7 +171,7 @@ def build_loggers(
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
     wb = cfg.logger.wandb
-    mode = wandb_mode(str(getattr(wb.mode, "value", wb.mode))) if wb is not None else "disabled"
+    mode = _wandb_mode_of(wb)
     if wb is not None and mode != "disabled":
         info = info or run_info(cfg)
         logger = WandbLogger(
@@ -213,14 +234,7 @@ def finish_run(
     media = {"samples/final": run_dir / "samples_ema.png", "plots/loss_vs_logsnr": run_dir / "loss_vs_logsnr.png"}
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            run = logger.experiment
-            run.summary.update(scalar_metrics(metrics))
-            for key, path in media.items():
-                if path.is_file():
-                    import wandb
-
-                    run.summary[key] = wandb.Image(str(path))
-            run.finish()
+            _close_wandb_run(logger.experiment, metrics, media)
     return write_run_summary(run_dir, cfg, metrics, info)
 
 
@@ -271,7 +285,7 @@ def job_info(cfg: DictConfig, job_type: str, train: Mapping[str, Any]) -> RunInf
     name = str(cfg.get("name") or train["name"])
     sweep_dir = ctx.get("sweep_dir")
     group = (wb.group if wb is not None else None) or (sweep_group(name, sweep_dir) if sweep_dir else train["group"])
-    kind = (wb.job_type if wb is not None and wb.job_type else None) or job_type
+    kind = _job_type(wb, job_type)
     overrides = ctx.get("overrides", [])
     requested = {o.lstrip("+~").partition("=")[0] for o in overrides}
     choices = {k: v for k, v in ctx.get("choices", {}).items() if k in requested}  # not the job config's defaults
@@ -300,7 +314,7 @@ def track_job(
     info = info or job_info(cfg, job_type, train)
     config = {**resolved_config(cfg), "train": dict(train_config), "train_run": dict(train)}
     wb = cfg.logger.wandb
-    mode = wandb_mode(str(getattr(wb.mode, "value", wb.mode))) if wb is not None else "disabled"
+    mode = _wandb_mode_of(wb)
     if wb is not None and mode != "disabled":
         import wandb
 
@@ -309,11 +323,7 @@ def track_job(
             name=f"{info.name}-{job_type}-{out_dir.name}", dir=str(out_dir), mode=mode,  # type: ignore[arg-type]
             config={**config, "hydra_choices": info.choices, "overrides": info.overrides},
         )  # fmt: skip
-        run.summary.update(scalar_metrics(metrics))
-        for key, path in (media or {}).items():
-            if path.is_file():
-                run.summary[key] = wandb.Image(str(path))
-        run.finish()
+        _close_wandb_run(run, metrics, media or {})
     return write_run_summary(out_dir, config, metrics, info)
 
 
