@@ -58,10 +58,15 @@ def load_runs(sweep_dir: Path) -> list[Run]:
     return runs
 
 
+def override_pairs(overrides: Sequence[str]) -> dict[str, str]:
+    """``{key: value}`` of a run's command-line overrides (``+``/``~`` prefixes dropped, ``hydra.*`` left out)."""
+    plain = [o.lstrip("+~") for o in overrides]
+    return dict(o.split("=", 1) for o in plain if "=" in o and not o.startswith("hydra."))
+
+
 def _from_summary(summary: dict[str, Any], run_dir: Path) -> Run:
-    overrides = [o.lstrip("+~") for o in summary.get("overrides", [])]
     return {
-        "overrides": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra.")),
+        "overrides": override_pairs(summary.get("overrides", [])),
         "choices": summary.get("choices", {}),
         "config": summary.get("config", {}),
         "metrics": summary.get("metrics", {}),
@@ -106,9 +111,8 @@ def load_wandb_offline_runs(root: Path, group: str | None = None) -> list[Run]:
 def _from_wandb(config: dict[str, Any], summary: dict[str, Any], where: str, job_type: str | None) -> Run:
     """A W&B run's config (the resolved config + ``hydra_choices`` + ``overrides``) and summary as a :data:`Run`."""
     choices = config.pop("hydra_choices", {}) or {}
-    overrides = [o.lstrip("+~") for o in config.pop("overrides", []) or []]
     return {
-        "overrides": dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra.")),
+        "overrides": override_pairs(config.pop("overrides", []) or []),
         "choices": choices, "config": config, "metrics": summary, "dir": where, "job_type": job_type or None,
     }  # fmt: skip
 
