@@ -13,9 +13,13 @@ runs), (3) the W&B API (``--wandb entity/project`` [``--group``]), or (4) the W&
 directory (``--wandb-offline``: W&B's own run logs, read without the network; the same table as (1)).
 A metric pattern may use ``*`` to match the protocol suffix (sample count, NFE). An axis is a config group
 (``schedule``: its chosen option), an override key, or a dotted config path (``weighting.gamma``, ``seed``).
-Cells of a pivot table are the mean ± sample standard deviation over the runs that share the row and column
-values (e.g. seeds).
-Formats: ``markdown`` (default), ``latex`` (booktabs), ``csv`` (long form: axes, metric, mean, std, n).
+Cells of a pivot table are the mean ± standard error (std / √n) over the runs that share the row and column
+values and differ only in ``seed``; the caption says so and gives n (in each cell when it differs; n = 1: no ±).
+A table never averages over another axis silently: runs of one cell that differ in a config group or override
+other than ``seed`` are an error naming it, unless ``--average-over AXIS`` pools them (said in the caption) or
+``--where AXIS=VALUE`` keeps one value. An axis no run records, or a metric no run has, is an error listing the
+valid ones; a metric some runs lack reads ``—`` in their cells, with a warning naming those runs.
+Formats: ``markdown`` (default), ``latex`` (booktabs), ``csv`` (long form: axes, metric, mean, sem, std, n).
 A W&B group also holds the sample/eval jobs filed with its training runs: ``--job-type auto`` (default) tables the
 training runs when there are any, ``--job-type eval|sample|any`` the others. A resumed run's offline segments
 (one directory per process) count once, with the latest segment's record.
@@ -25,15 +29,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import fnmatch
 import io
 import json
 import math
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -158,6 +163,144 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+# -------------------------------------------------------------- what a table or plot may claim (DESIGN: the record)
+
+SEED = "seed"  # the one axis a mean runs over without being asked
+DEFAULT_METRICS = ["train/loss", "val/bpd@*"]
+MISSING = "—"  # a cell whose runs lack the metric
+
+
+class Stat(NamedTuple):
+    """Mean, standard error of the mean and sample standard deviation (None for a single value), and count n."""
+
+    mean: float
+    sem: float | None
+    std: float | None
+    n: int
+
+
+def summarize(values: Sequence[float]) -> Stat:
+    """The :class:`Stat` of one or more values: s.e. = std / √n."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return Stat(mean, None, None, len(values))
+    std = statistics.stdev(values)
+    return Stat(mean, std / math.sqrt(len(values)), std, len(values))
+
+
+def warn(message: str) -> None:
+    """A warning on stderr: the table is still printed, but not silently."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _config_paths(node: Any, prefix: str = "") -> list[str]:
+    """The dotted path of every leaf of a nested config."""
+    if not isinstance(node, dict) or not node:
+        return [prefix] if prefix else []
+    return [p for k, v in node.items() for p in _config_paths(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def known_axes(runs: list[Run]) -> dict[str, list[str]]:
+    """The axes of these runs by kind: config groups, override keys and dotted config paths."""
+    return {
+        "config groups": sorted({k for r in runs for k in r["choices"]}),
+        "overrides": sorted({k for r in runs for k in r["overrides"]}),
+        "config paths": sorted({p for r in runs for p in _config_paths(r["config"])}),
+    }
+
+
+def has_axis(run: Run, axis: str) -> bool:
+    """Whether the run records ``axis`` (a group choice, an override or a config node)."""
+    if axis in run["choices"] or axis in run["overrides"]:
+        return True
+    node: Any = run["config"]
+    for part in axis.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _did_you_mean(name: str, names: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def check_axes(runs: list[Run], axes: Iterable[str]) -> None:
+    """Refuse (SystemExit, message on stderr) an axis that no run records, listing the valid axes."""
+    unknown = [a for a in dict.fromkeys(axes) if not any(has_axis(r, a) for r in runs)]
+    if not unknown:
+        return
+    valid = known_axes(runs)
+    lines = [f"unknown axis {a!r}{_did_you_mean(a, {n for v in valid.values() for n in v})}" for a in unknown]
+    lines += [f"the axes of these {len(runs)} runs:"] + [f"  {k}: {', '.join(v) or '(none)'}" for k, v in valid.items()]
+    raise SystemExit("error: " + "\n".join(lines))
+
+
+def metric_keys(runs: list[Run]) -> list[str]:
+    """Every numeric metric key that some run records."""
+    return sorted({k for r in runs for k, v in r["metrics"].items() if _is_number(v)})
+
+
+def check_metrics(runs: list[Run], patterns: Sequence[str] | None) -> list[str]:
+    """The metric patterns to table: ``patterns`` (each must match a metric of some run, else SystemExit listing
+    the metrics present), or with None the defaults that match. A pattern some runs lack is warned about, naming
+    those runs (their cells read —)."""
+    keys = metric_keys(runs)
+    found = [p for p in (patterns or DEFAULT_METRICS) if any(fnmatch.fnmatchcase(k, p) for k in keys)]
+    unknown = [p for p in (patterns or DEFAULT_METRICS) if p not in found]
+    if unknown and (patterns is not None or not found):
+        names = ", ".join(f"{p!r}{_did_you_mean(p, keys)}" for p in unknown)
+        listing = ", ".join(keys) or "(none)"
+        raise SystemExit(f"error: no run records metric {names}; the metrics of these runs: {listing}")
+    for pattern in found:
+        lacking = [str(r["dir"]) for r in runs if first_match(r["metrics"], pattern) is None]
+        if lacking:
+            where = ", ".join(lacking)
+            warn(f"{pattern} is missing from {len(lacking)} of {len(runs)} runs (shown as {MISSING}): {where}")
+    return found
+
+
+def run_axes(runs: Iterable[Run]) -> set[str]:
+    """The config groups and override keys of the runs: the axes a sweep can vary."""
+    return {k for r in runs for k in (*r["choices"], *r["overrides"])}
+
+
+def mixed_axes(groups: Iterable[list[Run]], shown: Iterable[str]) -> dict[str, list[str]]:
+    """``{axis: values}`` of each group or override, other than ``seed`` and the ``shown`` axes, whose value
+    differs between the runs of one group (a table cell, a plotted point): what their mean would silently average."""
+    ignore = {SEED, *shown}
+    mixed: dict[str, set[str]] = {}
+    for members in groups:
+        for axis in run_axes(members) - ignore:
+            values = {axis_value(r, axis) or "(unset)" for r in members}
+            if len(values) > 1:
+                mixed.setdefault(axis, set()).update(values)
+    return {a: sorted(v) for a, v in sorted(mixed.items())}
+
+
+def refuse_mixed(mixed: Mapping[str, list[str]], what: str, hint: str) -> None:
+    """SystemExit naming the axes (and values) that ``what`` would average over besides the seed."""
+    if mixed:
+        listing = "; ".join(f"{a} ({', '.join(v)})" for a, v in mixed.items())
+        raise SystemExit(f"error: {what} would average over runs that differ in {listing}, not only in {SEED}: {hint}")
+
+
+def filter_runs(runs: list[Run], where: Sequence[str]) -> list[Run]:
+    """The runs whose value on each ``AXIS=VALUE`` of ``where`` is VALUE."""
+    for condition in where:
+        axis, sep, value = condition.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --where takes AXIS=VALUE, not {condition!r}")
+        check_axes(runs, [axis])
+        kept = [r for r in runs if axis_value(r, axis) == value]
+        if not kept:
+            values = sorted({axis_value(r, axis) for r in runs})
+            raise SystemExit(f"error: no run has {axis}={value}; its values: {', '.join(values)}")
+        runs = kept
+    return runs
+
+
 # ------------------------------------------------------------------------------------- one row per run
 
 
@@ -189,7 +332,7 @@ def _pattern_order(patterns: list[str]) -> Any:
 
 
 def _fmt(value: Any) -> str:
-    return "" if value is None else f"{value:.4g}"
+    return MISSING if value is None else f"{value:.4g}"
 
 
 # ------------------------------------------------------------------------------------------ pivot table
@@ -201,42 +344,71 @@ def first_match(metrics: dict[str, Any], pattern: str) -> tuple[str, float] | No
     return next(iter(found.items())) if found else None
 
 
-def pivot(runs: list[Run], rows: list[str], cols: list[str], patterns: list[str]) -> dict[str, Any]:
-    """``{"row_keys", "col_keys", "metrics", "cells": {(row, col, metric): [values]}, "labels": {pattern: key}}``.
+def cell_runs(runs: list[Run], rows: list[str], cols: list[str]) -> dict[tuple[Any, ...], list[Run]]:
+    """``{(row key, column key): runs}`` in the order the keys first appear (the sweep's order)."""
+    cells: dict[tuple[Any, ...], list[Run]] = {}
+    for run in runs:
+        key = (tuple(axis_value(run, a) for a in rows), tuple(axis_value(run, a) for a in cols))
+        cells.setdefault(key, []).append(run)
+    return cells
 
-    Rows and columns keep the order in which their values first appear (the sweep's order)."""
-    row_keys: list[tuple[str, ...]] = []
-    col_keys: list[tuple[str, ...]] = []
+
+def pivot(runs: list[Run], rows: list[str], cols: list[str], patterns: list[str],
+          average_over: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
+    """``{"row_keys", "col_keys", "metrics", "cells": {(row, col, metric): [values]}, "labels": {pattern: key},
+    "averaged": {axis: values}}``.
+
+    A cell pools runs that differ only in ``seed`` (and the ``average_over`` axes, said in the caption): runs of one
+    cell that differ in any other group or override, or that match different metrics for one pattern, are refused
+    (SystemExit). Rows and columns keep the order in which their values first appear (the sweep's order)."""
+    groups = cell_runs(runs, rows, cols)
+    hint = ("add it to --rows/--cols, keep one value with --where AXIS=VALUE, or average over it explicitly with "
+            "--average-over AXIS (stated in the caption)")  # fmt: skip
+    refuse_mixed(mixed_axes(groups.values(), [*rows, *cols, *average_over]), "a cell", hint)
     cells: dict[tuple[Any, ...], list[float]] = {}
     labels: dict[str, set[str]] = {p: set() for p in patterns}
-    for run in runs:
-        r = tuple(axis_value(run, a) for a in rows)
-        c = tuple(axis_value(run, a) for a in cols)
-        row_keys += [r] if r not in row_keys else []
-        col_keys += [c] if c not in col_keys else []
+    for (r, c), members in groups.items():
         for pattern in patterns:
-            hit = first_match(run["metrics"], pattern)
-            if hit is not None:
-                labels[pattern].add(hit[0])
-                cells.setdefault((r, c, pattern), []).append(float(hit[1]))
+            hits = [h for h in (first_match(run["metrics"], pattern) for run in members) if h is not None]
+            if len({k for k, _ in hits}) > 1:
+                raise SystemExit(f"error: {pattern} matches {sorted({k for k, _ in hits})} in the cell {r + c}: "
+                                 "different protocols in one mean; give the metric key itself")  # fmt: skip
+            labels[pattern].update(k for k, _ in hits)
+            if hits:
+                cells[(r, c, pattern)] = [float(v) for _, v in hits]
     names = {p: next(iter(k)) if len(k) == 1 else p for p, k in labels.items()}
-    return {"row_keys": row_keys, "col_keys": col_keys, "metrics": patterns, "cells": cells, "labels": names}
+    averaged = {a: sorted({axis_value(run, a) for run in runs}) for a in average_over}
+    row_keys, col_keys = list(dict.fromkeys(r for r, _ in groups)), list(dict.fromkeys(c for _, c in groups))
+    return {"row_keys": row_keys, "col_keys": col_keys, "metrics": patterns, "cells": cells, "labels": names,
+            "averaged": averaged}  # fmt: skip
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for a single value)."""
-    mean = statistics.fmean(values)
-    return mean, statistics.stdev(values) if len(values) > 1 else None
+def caption(table: dict[str, Any]) -> str:
+    """What a cell is: mean ± standard error over n seeds (n per cell when it differs), or a single run."""
+    counts = sorted({len(v) for v in table["cells"].values()})
+    if counts in ([], [1]):
+        return "n = 1 per cell: a single run, no standard error"
+    extra = "; ".join(f"{a} ∈ {{{', '.join(v)}}}" for a, v in table["averaged"].items())
+    unit = f"runs (seeds, averaged over {extra})" if extra else "seeds"
+    if len(counts) == 1:
+        return f"mean ± standard error over n = {counts[0]} {unit} per cell"
+    return f"mean ± standard error over {unit}, n in each cell"
 
 
-def _cell(values: list[float] | None, pm: str, digits: int, wrap: Callable[[str], str] = str) -> str:
+def _cell(values: list[float] | None, pm: str, digits: int, show_n: bool, wrap: Callable[[str], str] = str) -> str:
+    """``mean ± s.e.`` (no ± for one value), with ``(n = …)`` when n differs across cells; — without values."""
     if not values:
-        return ""
-    mean, std = mean_std(values)
-    if math.isnan(mean):
-        return "nan"
-    text = f"{mean:.{digits}g}" + ("" if std is None else f"{pm}{std:.2g}")
-    return wrap(text)
+        return MISSING
+    stat = summarize(values)
+    if math.isnan(stat.mean):
+        text = "nan"
+    else:
+        text = f"{stat.mean:.{digits}g}" + ("" if stat.sem is None else f"{pm}{stat.sem:.2g}")
+    return wrap(text) + (f" (n = {stat.n})" if show_n else "")
+
+
+def _varying_n(table: dict[str, Any]) -> bool:
+    return len({len(v) for v in table["cells"].values()}) > 1
 
 
 def _column_headers(table: dict[str, Any], cols: list[str]) -> list[tuple[tuple[str, ...], str, str]]:
@@ -255,13 +427,12 @@ def render_pivot(table: dict[str, Any], rows: list[str], cols: list[str], fmt: s
     columns = _column_headers(table, cols)
     if fmt == "csv":
         return _csv_long(table, rows, cols)
-    counts = sorted({len(v) for v in table["cells"].values()})
-    note = f"mean ± std over {'/'.join(map(str, counts))} runs per cell" if counts != [1] else "one run per cell"
+    note, show_n = caption(table), _varying_n(table)
     if fmt == "latex":
         return _latex(table, rows, columns, digits, note)
     header = [" / ".join(rows) or "run"] + [h for _, _, h in columns]
     body = [
-        [" / ".join(r) or "all"] + [_cell(table["cells"].get((r, c, p)), " ± ", digits) for c, p, _ in columns]
+        [" / ".join(r) or "all"] + [_cell(table["cells"].get((r, c, p)), " ± ", digits, show_n) for c, p, _ in columns]
         for r in table["row_keys"]
     ]
     metric_note = ", ".join(table["labels"][p] for p in table["metrics"]) if cols else ""
@@ -283,20 +454,27 @@ def _latex(table: dict[str, Any], rows: list[str], columns: list[Any], digits: i
         " & ".join([esc(" / ".join(rows) or "run")] + [esc(h) for _, _, h in columns]) + r" \\",
         r"\midrule",
     ]
+    show_n = _varying_n(table)
     for r in table["row_keys"]:
-        cells = [_cell(table["cells"].get((r, c, p)), r" \pm ", digits, lambda s: f"${s}$") for c, p, _ in columns]
+        cells = [_cell(table["cells"].get((r, c, p)), r" \pm ", digits, show_n, lambda s: f"${s}$")
+                 for c, p, _ in columns]  # fmt: skip
         lines.append(" & ".join([esc(" / ".join(r)), *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", f"% {note}"]
     return "\n".join(lines)
 
 
 def _csv_long(table: dict[str, Any], rows: list[str], cols: list[str]) -> str:
+    """One line per cell and metric: the axes, metric, mean, sem, std, n (a cell without values: n = 0)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*rows, *cols, "metric", "mean", "std", "n"])
-    for (r, c, pattern), values in table["cells"].items():
-        mean, std = mean_std(values)
-        writer.writerow([*r, *c, table["labels"][pattern], repr(mean), "" if std is None else repr(std), len(values)])
+    writer.writerow([*rows, *cols, "metric", "mean", "sem", "std", "n"])
+    for r in table["row_keys"]:
+        for c in table["col_keys"]:
+            for pattern in table["metrics"]:
+                values = table["cells"].get((r, c, pattern))
+                stat = summarize(values) if values else None
+                numbers = ["" if x is None else repr(x) for x in (stat[:3] if stat else (None,) * 3)]
+                writer.writerow([*r, *c, table["labels"][pattern], *numbers, stat.n if stat else 0])
     return out.getvalue().rstrip("\n")
 
 
@@ -314,12 +492,21 @@ def render_per_run(runs: list[Run], patterns: list[str], fmt: str) -> str:
     return "\n".join(lines).replace("_", r"\_")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, nargs="?", help="a multirun directory (or any tree of run dirs)")
-    parser.add_argument("--metrics", "--metric", nargs="+", default=["train/loss", "val/bpd@*"])
+    parser.add_argument("--metrics", "--metric", nargs="+", help=f"metric keys or patterns (default: {DEFAULT_METRICS}"
+                        " where the runs have them)")  # fmt: skip
     parser.add_argument("--rows", nargs="+", default=[], help="axes of the rows (pivot table)")
     parser.add_argument("--cols", nargs="+", default=[], help="axes of the columns (pivot table)")
+    parser.add_argument(
+        "--average-over",
+        nargs="+",
+        default=[],
+        metavar="AXIS",
+        help="pool the runs of a cell across these axes too (besides seed); said in the caption",
+    )
+    parser.add_argument("--where", nargs="+", default=[], metavar="AXIS=VALUE", help="only the runs with these values")
     parser.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown")
     parser.add_argument("--digits", type=int, default=4, help="significant digits of the means")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from the W&B API instead")
@@ -334,6 +521,11 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="train / sample / eval / any; auto: the training runs when there are any, else all",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.wandb:
         runs = load_wandb_runs(args.wandb, args.group)
@@ -343,12 +535,16 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(args.sweep_dir)
     else:
         parser.error("give a sweep directory or --wandb ENTITY/PROJECT")
-    runs = select_job_type(runs, args.job_type)
+    if args.average_over and not (args.rows or args.cols):
+        parser.error("--average-over pools the cells of a pivot table: give --rows and/or --cols")
+    runs = filter_runs(select_job_type(runs, args.job_type), args.where)
+    check_axes(runs, [*args.rows, *args.cols, *args.average_over])
+    patterns = check_metrics(runs, args.metrics)
     if args.rows or args.cols:
-        table = pivot(runs, args.rows, args.cols, args.metrics)
+        table = pivot(runs, args.rows, args.cols, patterns, args.average_over)
         print(render_pivot(table, args.rows, args.cols, args.format, args.digits))
     else:
-        print(render_per_run(runs, args.metrics, args.format))
+        print(render_per_run(runs, patterns, args.format))
     return 0
 
 

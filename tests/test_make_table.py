@@ -63,16 +63,16 @@ def seeded_sweep(tmp_path):
     return tmp_path
 
 
-def test_pivot_is_mean_and_std_over_seeds(seeded_sweep, make_table, capsys):
+def test_pivot_is_mean_and_standard_error_over_seeds(seeded_sweep, make_table, capsys):
     args = [str(seeded_sweep), "--rows", "schedule", "--cols", "parameterization", "--metric", "val/bpd@*"]
     assert make_table.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "val/bpd@180 (mean ± std over 2 runs per cell)"
-    assert lines[2:] == [
+    assert lines[0] == "val/bpd@180 (mean ± standard error over n = 2 seeds per cell)"
+    assert lines[2:] == [  # seeds 0 and 1 differ by 1: std 0.71, s.e. = std / √2 = 0.5
         "| schedule | eps | v |",
         "|---|---|---|",
-        "| linear | 1.5 ± 0.71 | 11.5 ± 0.71 |",
-        "| cosine | 2.5 ± 0.71 | 12.5 ± 0.71 |",
+        "| linear | 1.5 ± 0.5 | 11.5 ± 0.5 |",
+        "| cosine | 2.5 ± 0.5 | 12.5 ± 0.5 |",
     ]
 
 
@@ -80,16 +80,17 @@ def test_latex_and_csv_formats(seeded_sweep, make_table, capsys):
     base = [str(seeded_sweep), "--rows", "schedule", "--cols", "parameterization", "--metric", "val/bpd@*"]
     make_table.main([*base, "--format", "latex"])
     latex = capsys.readouterr().out
-    assert r"\toprule" in latex and r"linear & $1.5 \pm 0.71$ & $11.5 \pm 0.71$ \\" in latex
+    assert r"\toprule" in latex and r"linear & $1.5 \pm 0.5$ & $11.5 \pm 0.5$ \\" in latex
+    assert latex.strip().endswith("% mean ± standard error over n = 2 seeds per cell")
     make_table.main([*base, "--format", "csv"])
     rows = capsys.readouterr().out.strip().splitlines()
-    assert rows[0] == "schedule,parameterization,metric,mean,std,n"
-    assert rows[1].startswith("linear,eps,val/bpd@180,1.5,0.7071") and rows[1].endswith(",2")
+    assert rows[0] == "schedule,parameterization,metric,mean,sem,std,n"
+    assert rows[1].startswith("linear,eps,val/bpd@180,1.5,0.5,0.7071") and rows[1].endswith(",2")
 
 
 def test_axes_can_be_config_paths_and_seeds_can_be_rows(seeded_sweep, make_table, capsys):
     args = [str(seeded_sweep), "--rows", "seed", "--cols", "weighting.gamma", "--metric", "train/loss"]
-    make_table.main(args)
+    make_table.main([*args, "--average-over", "schedule", "parameterization"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[2] == "| seed | 5 |" and lines[4] == "| 0 | 0.5 ± 0 |"
 

@@ -116,7 +116,7 @@ def test_table_from_the_multirun(sweep_dir, capsys):
     args = [str(sweep_dir), "--rows", "schedule", "--cols", "parameterization", "--metric", "val/bpd@*"]
     assert make_table.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "val/bpd@16 (one run per cell)"
+    assert lines[0] == "val/bpd@16 (n = 1 per cell: a single run, no standard error)"
     assert lines[2] == "| schedule | eps | v |"
     assert [line.split(" | ")[0] for line in lines[4:]] == ["| linear", "| cosine"]
 
