@@ -46,12 +46,25 @@ def logsnr_profile(rows: Sequence[Mapping[str, float]], tail: int) -> dict[str, 
     return {c.removeprefix(BUCKET_PREFIX): statistics.fmean([r[c] for r in rows if c in r][-tail:]) for c in columns}
 
 
-def plot_loss_vs_logsnr(profiles: Mapping[str, Mapping[str, float]], path: Path, title: str) -> Path:
-    """One line per profile (label → ``{bucket: loss}``) on a shared, λ-ordered bucket axis; log-scaled loss."""
+def plot_band(ax: Any, xs: Sequence[float], means: Sequence[float], sems: Sequence[float | None], label: str,
+              marker: str | None = None) -> None:  # fmt: skip
+    """One line through (x, mean) with a shaded band mean ± s.e. where the s.e. is known (n > 1)."""
+    (line,) = ax.plot(xs, means, marker=marker, label=label)
+    if any(s is not None for s in sems):
+        lo = [m - (s or 0.0) for m, s in zip(means, sems, strict=True)]
+        hi = [m + (s or 0.0) for m, s in zip(means, sems, strict=True)]
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
+
+
+def plot_loss_vs_logsnr(profiles: Mapping[str, Mapping[str, float]], path: Path, title: str,
+                        sems: Mapping[str, Mapping[str, float | None]] | None = None) -> Path:  # fmt: skip
+    """One line per profile (label → ``{bucket: loss}``) on a shared, λ-ordered bucket axis; log-scaled loss.
+    With ``sems`` (label → ``{bucket: standard error}``) each line carries a band of ± one s.e."""
     buckets = sorted({b for p in profiles.values() for b in p}, key=bucket_order)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, profile in profiles.items():
-        ax.plot(range(len(buckets)), [profile.get(b, math.nan) for b in buckets], marker="o", label=label)
+        band = [(sems or {}).get(label, {}).get(b) for b in buckets]
+        plot_band(ax, range(len(buckets)), [profile.get(b, math.nan) for b in buckets], band, label, marker="o")
     ax.set_xticks(range(len(buckets)), buckets, rotation=30)
     ax.set(xlabel="log-SNR λ bucket (noisy → clean)", ylabel="training loss", yscale="log", title=title)
     if len(profiles) > 1:

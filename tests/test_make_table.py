@@ -116,12 +116,14 @@ def test_make_plots_writes_pngs_from_a_synthetic_sweep(tmp_path):
     assert [p.name for p in written] == ["metric_vs_nfe.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.iterdir())
     _, curves = make_plots.nfe_curves(make_table_runs(tmp_path / "nfe", make_plots), "sampler", "val/ed@*")
-    assert curves == {"ddim": [(10, 0.1), (20, 0.05)], "heun": [(19, 1.0 / 19)]}
+    assert {k: [(n, s.mean, s.n) for n, s in c] for k, c in curves.items()} == {
+        "ddim": [(10, 0.1, 1), (20, 0.05, 1)], "heun": [(19, 1.0 / 19, 1)]
+    }  # fmt: skip
     by_logsnr = make_plots.logsnr_curves(make_table_runs(tmp_path, make_plots), "schedule", tail=3)
     assert list(by_logsnr["linear"]) == buckets
-    assert list(by_logsnr["linear"].values()) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert [s.mean for s in by_logsnr["linear"].values()] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     curves = make_plots.step_curves(make_table_runs(tmp_path, make_plots), "schedule,seed", "train/loss", smooth=1)
-    assert set(curves) == {"linear/0", "cosine/0"} and curves["linear/0"][5.0] == pytest.approx(1 / 6)
+    assert set(curves) == {"linear/0", "cosine/0"} and curves["linear/0"][5.0].mean == pytest.approx(1 / 6)
 
 
 def make_table_runs(path, make_plots):

@@ -156,3 +156,104 @@ def test_one_pattern_matching_two_protocols_in_a_cell_is_refused(tmp_path, make_
     run_dir(tmp_path, "b", {"schedule": "linear"}, 1, {"val/fd@50k": 2.0})
     with pytest.raises(SystemExit, match=r"val/fd@\* matches \['val/fd@1k', 'val/fd@50k'\] in the cell"):
         make_table.main([str(tmp_path), "--rows", "schedule", "--metric", "val/fd@*"])
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+@pytest.fixture(scope="module")
+def make_plots():
+    return _load("make_plots")
+
+
+def write_csv(job: Path, rows: list[dict]) -> None:
+    """A Lightning CSVLogger ``csv/metrics.csv`` with the union of the rows' columns."""
+    columns = sorted({c for r in rows for c in r})
+    lines = [",".join(columns)] + [",".join(str(r.get(c, "")) for c in columns) for r in rows]
+    (job / "csv").mkdir()
+    (job / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def seeded_curves(tmp_path):
+    """linear/cosine × seeds 0, 1, each with a CSV of train/loss and two log-SNR buckets; linear/0 also has
+    val/fd@1k at nfe 10 and 20 (sampler runs record ``nfe``)."""
+    i = 0
+    for schedule, base in (("linear", 1.0), ("cosine", 2.0)):
+        for seed in (0, 1):
+            job = run_dir(tmp_path, str(i), {"schedule": schedule}, seed, {"val/fd@1k": base + seed, "nfe": 10})
+            loss = base + seed
+            write_csv(job, [{"step": s, "train/loss": loss, "train/loss_by_logsnr/<-10": loss,
+                             "train/loss_by_logsnr/>=10": 2 * loss} for s in range(0, 20, 5)])  # fmt: skip
+            i += 1
+    return tmp_path
+
+
+@pytest.fixture
+def figures(monkeypatch, make_plots):
+    """The figures the plots are drawn on, kept (by file name) as they are saved."""
+    import diffusion_lab.plots
+
+    kept = {}
+
+    def save(fig, path):
+        kept[path.name] = fig
+        return original(fig, path)
+
+    original = diffusion_lab.plots.save
+    monkeypatch.setattr(make_plots, "save", save)
+    monkeypatch.setattr(diffusion_lab.plots, "save", save)
+    return kept
+
+
+def test_make_plots_refuses_a_mistyped_axis_and_writes_nothing(seeded_curves, make_plots, tmp_path):
+    out = tmp_path / "plots"
+    with pytest.raises(SystemExit) as err:
+        make_plots.main([str(seeded_curves), "--by", "schedul", "--out", str(out)])
+    assert "unknown axis 'schedul' (did you mean schedule?)" in str(err.value.code)
+    assert "config groups: schedule" in str(err.value.code) and not out.exists()
+    with pytest.raises(SystemExit, match="unknown axis 'sed'"):
+        make_plots.plot_all(seeded_curves, "schedule,sed", out, None, "train/loss", 1, 1)
+
+
+def test_make_plots_refuses_a_metric_no_run_has(seeded_curves, make_plots, tmp_path):
+    out = tmp_path / "plots"
+    with pytest.raises(SystemExit, match=r"no run records metric 'val/fd_digits@\*'.*: nfe, val/fd@1k"):
+        make_plots.plot_all(seeded_curves, "schedule", out, "val/fd_digits@*", "train/loss", 1, 1)
+    with pytest.raises(SystemExit, match=r"no run's csv/metrics.csv has 'val/los'; its columns: step, train/loss"):
+        make_plots.plot_all(seeded_curves, "schedule", out, None, "val/los", 1, 1)
+
+
+def test_make_plots_warns_naming_the_runs_without_the_step_metric(seeded_curves, make_plots, tmp_path, capsys):
+    (seeded_curves / "0" / "csv" / "metrics.csv").write_text("step,val/other\n0,1.0\n")
+    make_plots.step_curves(make_plots.make_table.load_runs(seeded_curves), "schedule", "train/loss", 1)
+    err = capsys.readouterr().err
+    assert f"train/loss (csv/metrics.csv) is missing from 1 of 4 runs (no line from them): {seeded_curves / '0'}" in err
+
+
+def test_a_plotted_line_pooling_more_than_seeds_is_refused(seeded_curves, make_plots, tmp_path, figures):
+    run_dir(seeded_curves, "9", {"schedule": "linear", "parameterization": "v"}, 0, {"val/fd@1k": 9.0, "nfe": 10})
+    write_csv(seeded_curves / "9", [{"step": 0, "train/loss": 9.0}])
+    with pytest.raises(SystemExit, match=r"a line of metric_vs_step.png would .* differ in parameterization"):
+        make_plots.plot_all(seeded_curves, "schedule", tmp_path / "p", None, "train/loss", 1, 1)
+    with pytest.raises(SystemExit, match=r"a point of metric_vs_nfe.png would .* differ in parameterization"):
+        make_plots.nfe_curves(make_plots.make_table.load_runs(seeded_curves), "schedule", "val/fd@*")
+    make_plots.plot_all(seeded_curves, "schedule", tmp_path / "p", None, "train/loss", 1, 1, ["parameterization"])
+    assert "averaged over parameterization" in figures["metric_vs_step.png"].axes[0].get_title()
+
+
+def test_lines_over_seeds_carry_a_standard_error_band_and_n(seeded_curves, make_plots, tmp_path, figures):
+    written = make_plots.plot_all(seeded_curves, "schedule", tmp_path / "p", "val/fd@*", "train/loss", 1, 1)
+    assert sorted(p.name for p in written) == ["loss_vs_logsnr.png", "metric_vs_nfe.png", "metric_vs_step.png"]
+    for name, fig in figures.items():
+        (ax,) = fig.axes
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            "schedule=linear (n = 2)",
+            "schedule=cosine (n = 2)",
+        ], name
+        assert len(ax.collections) == 2, name  # one ± s.e. band per line
+        assert "mean ± s.e. over seeds" in ax.get_title(), name
+    band = figures["metric_vs_step.png"].axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert (band.min(), band.max()) == pytest.approx((1.0, 2.0))  # losses 1 and 2: mean 1.5 ± s.e. 0.5
+    curves = make_plots.step_curves(make_plots.make_table.load_runs(seeded_curves), "schedule", "train/loss", 1)
+    assert curves["linear"][5.0] == make_plots.make_table.summarize([1.0, 2.0])
