@@ -32,10 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
 from diffusion_lab.callbacks.evaluation import MAX_REFERENCE, generate_in_batches, guidance_suffix, sampling_protocol
 from diffusion_lab.config import (
     DIGITS_METRIC_RESIZE,
@@ -44,14 +40,15 @@ from diffusion_lab.config import (
     HutchinsonProbe,
     LikelihoodMethod,
     check_guidance,
-    register_configs,
 )
 from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions
 from diffusion_lab.metrics import format_count, metric_key
 from diffusion_lab.metrics.likelihood import BitsPerDim, bits_per_dim
 from diffusion_lab.module import DiffusionModule, load_module
-from diffusion_lab.sample import build_sampler, track
-from diffusion_lab.train import CONFIG_DIR
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.sample import build_sampler
 
 SPLITS = ("train", "val")
 
@@ -236,18 +233,7 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-register_configs()
+if __name__ == "__main__":  # python -m diffusion_lab.evaluate …: the same entry point as dlab-evaluate
+    from diffusion_lab.cli import evaluate_main
 
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    """Console entry point ``dlab-evaluate``."""
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-    results = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
-    track(cfg, out_dir, "eval", results)
-    print(format_table(results))
-    print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'summary.json'}")
-
-
-if __name__ == "__main__":
-    main()
+    evaluate_main()

@@ -20,19 +20,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
 from diffusion_lab.callbacks import generate_in_batches, sampling_protocol, save_png
 from diffusion_lab.callbacks.checkpoint import RUN_KEY, WANDB_KEY
-from diffusion_lab.config import ConfigError, check_guidance, check_sampler, register_configs
+from diffusion_lab.config import ConfigError, check_guidance, check_sampler
 from diffusion_lab.module import load_checkpoint, load_module
 from diffusion_lab.tracking import track_job, training_run
-from diffusion_lab.train import CONFIG_DIR
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 
 def render(run_config: dict[str, Any], samples: torch.Tensor) -> np.ndarray:
@@ -139,18 +135,7 @@ def describe(summary: dict[str, Any]) -> str:
     )
 
 
-register_configs()
+if __name__ == "__main__":  # python -m diffusion_lab.sample …: the same entry point as dlab-sample
+    from diffusion_lab.cli import sample_main
 
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
-def main(cfg: DictConfig) -> None:
-    """Console entry point ``dlab-sample``."""
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-    summary = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
-    track(cfg, out_dir, "sample", summary, {"samples/grid": out_dir / "grid.png"})
-    print(describe(summary))
-    print(f"wrote {out_dir / 'samples.npz'}, {out_dir / 'grid.png'} and {out_dir / 'summary.json'}")
-
-
-if __name__ == "__main__":
-    main()
+    sample_main()

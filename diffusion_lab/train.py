@@ -9,8 +9,6 @@ python -m diffusion_lab.train trainer=ddp trainer.accelerator=cpu trainer.device
 from __future__ import annotations
 
 import inspect
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +16,8 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks import SampleEvaluation, SampleGrid
@@ -33,7 +30,9 @@ from diffusion_lab.callbacks.checkpoint import (
     stored_wandb_run_id,
 )
 from diffusion_lab.callbacks.nan_guard import NonFiniteGuard
-from diffusion_lab.config import NonFiniteAction, register_configs, validate_config
+from diffusion_lab.callbacks.progress import StepProgressBar, StepRichProgressBar
+from diffusion_lab.cli import CONFIG_DIR  # noqa: F401  (re-exported: tests compose the real configs)
+from diffusion_lab.config import NonFiniteAction, validate_config
 from diffusion_lab.metrics import format_count
 from diffusion_lab.metrics.likelihood import bits_per_dim
 from diffusion_lab.module import (
@@ -45,11 +44,7 @@ from diffusion_lab.module import (
     set_num_classes,
 )
 from diffusion_lab.plots import run_loss_vs_logsnr
-from diffusion_lab.tracking import build_loggers, finish_run, objective, run_info, write_summary
-
-# The repository's conf/ (editable install), or the copy a wheel carries inside the package.
-_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
-CONFIG_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf")
+from diffusion_lab.tracking import build_loggers, finish_run, run_info, write_summary
 
 
 def build_trainer(
@@ -68,8 +63,8 @@ def build_trainer(
     extra: list[L.Callback] = [*checkpoints, ExactResume(cfg.seed, filed), guard]
     if loggers:
         extra.append(LearningRateMonitor(logging_interval="step"))
-    if cfg.callbacks.rich_progress:
-        extra.append(RichProgressBar())
+    if cfg.trainer.enable_progress_bar:  # step k/max_steps, not Lightning's "Epoch 1/-2"
+        extra.append(StepRichProgressBar() if cfg.callbacks.rich_progress else StepProgressBar())
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer)  # type: ignore[assignment]
     return L.Trainer(
         **trainer_kwargs,
@@ -184,20 +179,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-register_configs()
+if __name__ == "__main__":  # python -m diffusion_lab.train …: the same entry point as dlab-train
+    from diffusion_lab.cli import train_main
 
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point ``dlab-train``; returns the ``optimize_metric`` value (for a Hydra sweeper)."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    metrics = train(cfg, run_dir)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        shown = {k: v for k, v in metrics.items() if k != "protocol"}
-        print(json.dumps(shown, indent=2, sort_keys=True))
-        print(f"run directory: {run_dir}")
-    return objective(metrics, cfg.optimize_metric)
-
-
-if __name__ == "__main__":
-    main()
+    train_main()
