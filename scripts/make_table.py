@@ -378,9 +378,25 @@ def pivot(runs: list[Run], rows: list[str], cols: list[str], patterns: list[str]
                 cells[(r, c, pattern)] = [float(v) for _, v in hits]
     names = {p: next(iter(k)) if len(k) == 1 else p for p, k in labels.items()}
     averaged = {a: sorted({axis_value(run, a) for run in runs}) for a in average_over}
+    repeats = repeated_runs(groups.values(), average_over)
+    for same in repeats:
+        dirs, seed = ", ".join(str(r["dir"]) for r in same), axis_value(same[0], SEED) or "(none recorded)"
+        warn(f"{dirs} share one cell and {SEED}={seed}: repeats, not independent seeds")
     row_keys, col_keys = list(dict.fromkeys(r for r, _ in groups)), list(dict.fromkeys(c for _, c in groups))
     return {"row_keys": row_keys, "col_keys": col_keys, "metrics": patterns, "cells": cells, "labels": names,
-            "averaged": averaged}  # fmt: skip
+            "averaged": averaged, "repeats": bool(repeats)}  # fmt: skip
+
+
+def repeated_runs(groups: Iterable[list[Run]], average_over: Sequence[str] = ()) -> list[list[Run]]:
+    """Runs of one group that share the ``seed`` (and every ``average_over`` value): the same setting run twice,
+    which a mean ± s.e. over seeds would count as independent (runs that record no seed share the empty one)."""
+    out = []
+    for members in groups:
+        settings: dict[tuple[str, ...], list[Run]] = {}
+        for run in members:
+            settings.setdefault(tuple(axis_value(run, a) for a in (SEED, *average_over)), []).append(run)
+        out += [same for same in settings.values() if len(same) > 1]
+    return out
 
 
 def caption(table: dict[str, Any]) -> str:
@@ -389,7 +405,8 @@ def caption(table: dict[str, Any]) -> str:
     if counts in ([], [1]):
         return "n = 1 per cell: a single run, no standard error"
     extra = "; ".join(f"{a} ∈ {{{', '.join(v)}}}" for a, v in table["averaged"].items())
-    unit = f"runs (seeds, averaged over {extra})" if extra else "seeds"
+    seeds = "seeds, some repeated" if table["repeats"] else "seeds"
+    unit = f"runs ({seeds}, averaged over {extra})" if extra else f"runs ({seeds})" if table["repeats"] else "seeds"
     if len(counts) == 1:
         return f"mean ± standard error over n = {counts[0]} {unit} per cell"
     return f"mean ± standard error over {unit}, n in each cell"

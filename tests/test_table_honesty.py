@@ -151,6 +151,15 @@ def test_single_runs_say_n_is_1(tmp_path, make_table, capsys):
     assert lines[0] == "(n = 1 per cell: a single run, no standard error)" and lines[-1] == "| linear | 3 |"
 
 
+def test_runs_repeating_a_seed_in_a_cell_are_not_called_seeds(tmp_path, make_table, capsys):
+    first = run_dir(tmp_path, "a", {"schedule": "linear"}, 0, {"val/fd@1k": 3.0})
+    again = run_dir(tmp_path, "b", {"schedule": "linear"}, 0, {"val/fd@1k": 3.0})
+    assert make_table.main([str(tmp_path), "--rows", "schedule", "--metric", "val/fd@*"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "(mean ± standard error over n = 2 runs (seeds, some repeated) per cell)"
+    assert f"{first}, {again} share one cell and seed=0: repeats, not independent seeds" in err
+
+
 def test_one_pattern_matching_two_protocols_in_a_cell_is_refused(tmp_path, make_table):
     run_dir(tmp_path, "a", {"schedule": "linear"}, 0, {"val/fd@1k": 3.0})
     run_dir(tmp_path, "b", {"schedule": "linear"}, 1, {"val/fd@50k": 2.0})
