@@ -32,7 +32,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import matplotlib.pyplot as plt
 
@@ -45,7 +45,7 @@ _spec.loader.exec_module(make_table)
 
 
 Run = dict[str, Any]
-Stat = make_table.Stat
+Stat: TypeAlias = Any  # make_table.Stat (mean, sem, std, n); make_table is loaded from its path, so untyped here
 HINT = "add it to --by (a,b), or average over it explicitly with --average-over AXIS (stated in the title)"
 
 
@@ -62,14 +62,17 @@ def legend(by: str, value: str, stats: list[Stat]) -> str:
 
 
 def _refuse_mixed(groups: list[list[Run]], by: str, average_over: Sequence[str], what: str) -> None:
+    """SystemExit when the runs of one line or point differ in an axis other than seed, --by, --average-over."""
     make_table.refuse_mixed(make_table.mixed_axes(groups, [*by.split(","), *average_over]), what, HINT)
 
 
 def _csv_path(run: Run) -> Path:
+    """The run's Lightning CSVLogger file."""
     return Path(run["dir"]) / "csv" / "metrics.csv"
 
 
 def _warn_lacking(runs: list[Run], kept: list[Run], what: str) -> None:
+    """Name on stderr the runs left out of a plot for lacking ``what`` (when some other run has it)."""
     lacking = [str(r["dir"]) for r in runs if all(r is not k for k in kept)]
     if kept and lacking:
         make_table.warn(f"{what} is missing from {len(lacking)} of {len(runs)} runs (no line from them): "
@@ -141,12 +144,14 @@ def nfe_curves(runs: list[Run], by: str, pattern: str,
 
 
 def _subtitle(average_over: Sequence[str]) -> str:
+    """What a line is: the mean ± s.e. over seeds (and the axes pooled on request)."""
     extra = f", averaged over {', '.join(average_over)}" if average_over else ""
     return f"mean ± s.e. over seeds{extra}"
 
 
 def _plot_steps(runs: list[Run], by: str, out: Path, metric: str, smooth: int,
                 average_over: Sequence[str]) -> Path | None:  # fmt: skip
+    """metric_vs_step.png (None without CSVs)."""
     curves = step_curves(runs, by, metric, smooth, average_over)
     if not curves:
         make_table.warn("no run has csv/metrics.csv: metric_vs_step.png not written")
@@ -161,6 +166,7 @@ def _plot_steps(runs: list[Run], by: str, out: Path, metric: str, smooth: int,
 
 
 def _plot_logsnr(runs: list[Run], by: str, out: Path, tail: int, average_over: Sequence[str]) -> Path | None:
+    """loss_vs_logsnr.png (None when no run logs log-SNR buckets)."""
     curves = logsnr_curves(runs, by, tail, average_over)
     if not curves:
         return None
@@ -172,6 +178,7 @@ def _plot_logsnr(runs: list[Run], by: str, out: Path, tail: int, average_over: S
 
 
 def _plot_nfe(runs: list[Run], by: str, out: Path, metric: str, average_over: Sequence[str]) -> Path:
+    """metric_vs_nfe.png; SystemExit when no run with the metric records its NFE."""
     label, curves = nfe_curves(runs, by, metric, average_over)
     if not curves:
         raise SystemExit(f"error: no run with {metric} records nfe: metric_vs_nfe.png needs sampler runs "

@@ -222,6 +222,7 @@ def has_axis(run: Run, axis: str) -> bool:
 
 
 def _did_you_mean(name: str, names: Iterable[str]) -> str:
+    """`` (did you mean a or b?)`` for the closest of ``names``, or ""."""
     close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
@@ -425,6 +426,7 @@ def _cell(values: list[float] | None, pm: str, digits: int, show_n: bool, wrap: 
 
 
 def _varying_n(table: dict[str, Any]) -> bool:
+    """Whether the cells hold different numbers of runs (then each cell states its n)."""
     return len({len(v) for v in table["cells"].values()}) > 1
 
 
