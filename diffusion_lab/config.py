@@ -272,6 +272,29 @@ class DPMSolverSamplerConfig(SamplerConfig):
     lower_order_final: bool = True
 
 
+class UniPCVariant(str, Enum):
+    bh1 = "bh1"  # B(h) = h (Zhao et al. 2023: better unconditional)
+    bh2 = "bh2"  # B(h) = 1 − e^{−h} (better guided; diffusers' default)
+
+
+class UniPCPredictor(str, Enum):
+    unip = "unip"  # UniP-p
+    dpm_solver = "dpm_solver"  # DPM-Solver++ multistep (ours: 3M integrates the quadratic exactly)
+
+
+@dataclass
+class UniPCSamplerConfig(SamplerConfig):
+    """UniPC (Zhao et al. 2023): predictor of ``order`` 1–3 (UniP or DPM-Solver++), then the UniC corrector."""
+
+    _target_: str = "diffusion_lab.samplers.UniPCSampler"
+    steps: int = 20
+    order: int = 2
+    variant: UniPCVariant = UniPCVariant.bh2
+    predictor: UniPCPredictor = UniPCPredictor.unip
+    corrector: bool = True
+    lower_order_final: bool = True
+
+
 class RKMethod(str, Enum):
     RK45 = "RK45"  # Dormand–Prince 5(4)
     RK23 = "RK23"
@@ -789,6 +812,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "heun": HeunSamplerConfig,
         "edm": EDMSamplerConfig,
         "dpm_solver": DPMSolverSamplerConfig,
+        "unipc": UniPCSamplerConfig,
         "rk45": RK45SamplerConfig,
         "euler_maruyama": EulerMaruyamaSamplerConfig,
         "pc": PCSamplerConfig,

@@ -13,6 +13,7 @@ from diffusion_lab.samplers.ddpm import DDPMSampler
 from diffusion_lab.samplers.dpm_solver import DPMSolverSampler
 from diffusion_lab.samplers.ode import EDMSampler, EulerSampler, HeunSampler, RK45Sampler
 from diffusion_lab.samplers.sde import EulerMaruyamaSampler, PCSampler
+from diffusion_lab.samplers.unipc import UniPCSampler
 
 # Sampler name (``Sampler.name``) -> class.
 SAMPLERS: dict[str, type[Sampler]] = {
@@ -25,6 +26,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
         EDMSampler,
         RK45Sampler,
         DPMSolverSampler,
+        UniPCSampler,
         EulerMaruyamaSampler,
         PCSampler,
     )
@@ -46,5 +48,6 @@ __all__ = [
     "RK45Sampler",
     "SampleOutput",
     "Sampler",
+    "UniPCSampler",
     "time_grid",
 ]

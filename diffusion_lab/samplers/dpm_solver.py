@@ -164,7 +164,7 @@ class DPMSolverSampler(Sampler):
     ) -> Tensor:
         """Integrate the PF-ODE from ``grid[0]`` to ``grid[-1]``; deterministic (``generator`` is not used)."""
         alpha, sigma = schedule_alpha_sigma(model.schedule, grid)
-        nodes = _Nodes(grid.tolist(), alpha.tolist(), sigma.tolist(), half_log_snr(alpha, sigma).tolist())
+        nodes = GridNodes(grid.tolist(), alpha.tolist(), sigma.tolist(), half_log_snr(alpha, sigma).tolist())
         with tqdm(total=nodes.steps, disable=not progress, desc=self.name, leave=False) as bar:
             run = self._multistep if self.method == "multistep" else self._singlestep
             return run(model, x, nodes, y, bar)
@@ -191,7 +191,7 @@ class DPMSolverSampler(Sampler):
             orders.append(1 if math.isinf(lam[i + 1]) else min(self.order, usable, cap))
         return orders
 
-    def _multistep(self, model: CountingDenoiser, x: Tensor, nodes: _Nodes, y: Tensor | None, bar: tqdm) -> Tensor:
+    def _multistep(self, model: CountingDenoiser, x: Tensor, nodes: GridNodes, y: Tensor | None, bar: tqdm) -> Tensor:
         history: list[Tensor] = []  # x̂0 at the latest grid points (at most `order`), oldest first
         for i, order in enumerate(self.step_orders(nodes.lam)):
             history = [*history[max(0, len(history) - self.order + 1) :], model(x, nodes.t[i], y)]
@@ -199,7 +199,7 @@ class DPMSolverSampler(Sampler):
             bar.update(1)
         return x
 
-    def _singlestep(self, model: CountingDenoiser, x: Tensor, nodes: _Nodes, y: Tensor | None, bar: tqdm) -> Tensor:
+    def _singlestep(self, model: CountingDenoiser, x: Tensor, nodes: GridNodes, y: Tensor | None, bar: tqdm) -> Tensor:
         x_s = m_s = x  # start and x̂0 of the current 2S step, set on its first interval
         for i, order in enumerate(self.step_orders(nodes.lam)):
             if order == 2:  # Lu et al. 2022b Alg. 1: restart from x_s with x̂0 at s (i − 1) and at u (i)
@@ -216,7 +216,7 @@ class DPMSolverSampler(Sampler):
         return x
 
 
-class _Nodes:
+class GridNodes:
     """The grid as python floats: ``t``, ``alpha``, ``sigma``, ``lam`` (DPM-Solver λ), each ``steps + 1`` long."""
 
     def __init__(self, t: list[float], alpha: list[float], sigma: list[float], lam: list[float]) -> None:

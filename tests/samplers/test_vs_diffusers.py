@@ -1,4 +1,4 @@
-"""Our DDPM, DDIM and DPM-Solver++ against diffusers' schedulers, step for step.
+"""Our DDPM, DDIM, DPM-Solver++ and UniPC against diffusers' schedulers, step for step.
 
 Setup: the linear β schedule with T = 1000 on both sides (ᾱ agrees to 1e-6 relative: diffusers accumulates it in
 float32), one ε-predicting network — the Gaussian-mixture oracle on 2-D points, or a fixed random MLP on
@@ -11,7 +11,8 @@ Every intermediate ``x`` is compared: ours are the inputs the network sees plus 
 Agreement (float32 tolerance, |x| ≲ 5 for the oracle): DDPM with σ² = β̃ (``fixed_small``), DDIM with η = 0 and
 η = 1 (shared noise), x̂0 clipping in DDPM, DPM-Solver++ 2M (``DPMSolverMultistepScheduler``, ``midpoint``) with
 diffusers' ``lower_order_final`` below 15 steps and the first-order final step to ``σ = 0``, and single-step 2S
-(``DPMSolverSinglestepScheduler``, whose ``order_list`` equals our :meth:`DPMSolverSampler.step_orders`).
+(``DPMSolverSinglestepScheduler``, whose ``order_list`` equals our :meth:`DPMSolverSampler.step_orders`), and UniPC
+bh2 of order 2 and 3 with the corrector (``UniPCMultistepScheduler``; float64 and the other options in test_unipc.py).
 
 Deliberate differences, each asserted exactly where it applies:
 
@@ -27,6 +28,7 @@ Deliberate differences, each asserted exactly where it applies:
    x̂0; we re-derive ε̂ from the clipped x̂0, which is ``use_clipped_model_output=True`` (asserted).
 """
 
+import inspect
 import math
 
 import pytest
@@ -36,12 +38,13 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     DPMSolverSinglestepScheduler,
+    UniPCMultistepScheduler,
 )
 from torch import nn
 
 from diffusion_lab.diffusion import Denoiser, EpsParameterization, LinearSchedule
 from diffusion_lab.diffusion.analytic import GaussianMixture, OracleNetwork
-from diffusion_lab.samplers import DDIMSampler, DDPMSampler, time_grid
+from diffusion_lab.samplers import DDIMSampler, DDPMSampler, UniPCSampler, time_grid
 from diffusion_lab.samplers.dpm_solver import DPMSolverSampler, half_log_snr, multistep_update, phi_coefficients
 
 F64 = torch.float64
@@ -124,9 +127,11 @@ def theirs(scheduler, net, x, steps, seed=1, custom_timesteps=False, **step_kwar
     expected = [T - 1 - i * (T // steps) for i in range(steps)]
     assert scheduler.timesteps.tolist() == expected, "diffusers' grid is not our uniform grid"
     g = torch.Generator().manual_seed(seed)
+    if "generator" in inspect.signature(scheduler.step).parameters:  # UniPC's step takes none (deterministic)
+        step_kwargs = {**step_kwargs, "generator": g}
     states, x0_hats = [x], []
     for k in scheduler.timesteps:
-        x = scheduler.step(eps_model(net, x, k), k, x, generator=g, **step_kwargs).prev_sample
+        x = scheduler.step(eps_model(net, x, k), k, x, **step_kwargs).prev_sample
         states.append(x)
         if hasattr(scheduler, "model_outputs"):
             x0_hats.append(scheduler.model_outputs[-1].clone())
@@ -172,6 +177,16 @@ CASES = {
     "dpm_solver_1": (
         lambda n: DPMSolverSampler(steps=n, order=1),
         lambda: DPMSolverMultistepScheduler(solver_order=1, timestep_spacing="trailing"),
+        {},
+    ),
+    "unipc_2": (  # float64 agreement, bh1, the corrector off and UniC after DPM-Solver++: tests/samplers/test_unipc.py
+        lambda n: UniPCSampler(steps=n, order=2),
+        lambda: UniPCMultistepScheduler(solver_order=2, timestep_spacing="trailing"),
+        {},
+    ),
+    "unipc_3": (
+        lambda n: UniPCSampler(steps=n, order=3),
+        lambda: UniPCMultistepScheduler(solver_order=3, timestep_spacing="trailing"),
         {},
     ),
 }
