@@ -18,7 +18,8 @@ values and differ only in ``seed``; the caption says so and gives n (in each cel
 A table never averages over another axis silently: runs of one cell that differ in a config group or override
 other than ``seed`` are an error naming it, unless ``--average-over AXIS`` pools them (said in the caption) or
 ``--where AXIS=VALUE`` keeps one value. An axis no run records, or a metric no run has, is an error listing the
-valid ones; a metric some runs lack reads ``—`` in their cells, with a warning naming those runs.
+valid ones; a metric some runs lack is averaged over the runs that have it (n counts those), a cell where none
+has it reads ``—``, and a warning names the runs that lack it.
 Formats: ``markdown`` (default), ``latex`` (booktabs), ``csv`` (long form: axes, metric, mean, sem, std, n).
 A W&B group also holds the sample/eval jobs filed with its training runs: ``--job-type auto`` (default) tables the
 training runs when there are any, ``--job-type eval|sample|any`` the others. A resumed run's offline segments
@@ -258,7 +259,8 @@ def check_metrics(runs: list[Run], patterns: Sequence[str] | None) -> list[str]:
         lacking = [str(r["dir"]) for r in runs if first_match(r["metrics"], pattern) is None]
         if lacking:
             where = ", ".join(lacking)
-            warn(f"{pattern} is missing from {len(lacking)} of {len(runs)} runs (shown as {MISSING}): {where}")
+            warn(f"{pattern} is missing from {len(lacking)} of {len(runs)} runs (not in their cells' n; a cell with "
+                 f"none of it reads {MISSING}): {where}")  # fmt: skip
     return found
 
 

@@ -94,7 +94,8 @@ def test_a_metric_some_runs_lack_reads_a_dash_with_a_warning_naming_them(tmp_pat
     assert make_table.main(args) == 0
     out, err = capsys.readouterr()
     assert out.strip().splitlines()[-2:] == ["| linear | 3 |", "| cosine | — |"]
-    assert f"warning: val/fd@* is missing from 1 of 2 runs (shown as —): {lacking}" in err
+    assert "warning: val/fd@* is missing from 1 of 2 runs (not in their cells' n; a cell with none" in err
+    assert f"of it reads —): {lacking}" in err
     assert make_table.main([*args, "--format", "csv"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "cosine,val/fd@1k,,,,0"
     assert make_table.main([str(tmp_path), "--metrics", "train/loss", "val/fd@*"]) == 0  # one row per run
