@@ -247,7 +247,7 @@ def metric_keys(runs: list[Run]) -> list[str]:
 def check_metrics(runs: list[Run], patterns: Sequence[str] | None) -> list[str]:
     """The metric patterns to table: ``patterns`` (each must match a metric of some run, else SystemExit listing
     the metrics present), or with None the defaults that match. A pattern some runs lack is warned about, naming
-    those runs (their cells read —)."""
+    those runs (a cell counts the runs that have it; a cell where none has it reads —)."""
     keys = metric_keys(runs)
     found = [p for p in (patterns or DEFAULT_METRICS) if any(fnmatch.fnmatchcase(k, p) for k in keys)]
     unknown = [p for p in (patterns or DEFAULT_METRICS) if p not in found]
