@@ -12,6 +12,11 @@ Protocol (what a reported ``val/fid@N_nfeK`` means):
 - Reference: the training split handed in as ``reference``; its features/statistics are cached on disk under
   ``<cache_dir>/<reference_name>-<content hash>-<H>px-w<weights hash>-…`` (torch-fidelity's own cache), so a
   second evaluation against the same data, resolution and weights never recomputes them.
+- Files from outside are never unpickled on trust (torch-fidelity itself loads both with ``weights_only=False``):
+  the Inception weights are read ``weights_only=True`` and checked against the network's keys and shapes
+  (:class:`WeightsOnlyInceptionV3`, registered as :data:`INCEPTION_WEIGHTS_ONLY`), and every cache file of a
+  reference is read weights-only (tensors and float arrays) before torch-fidelity opens it
+  (:func:`check_cache_files`).
 - Noise floor: ``fid_floor@N`` is the FID of ``N`` random training images (``N`` = the sample count, a fixed
   seeded subset) against the full reference: the FID a perfect generator would score with that many samples.
 """
@@ -19,19 +24,23 @@ Protocol (what a reported ``val/fid@N_nfeK`` means):
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
+import io
 import logging
 import re
 import socket
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch_fidelity
+from numpy._core.multiarray import _reconstruct  # what a pickled np.ndarray names
 from torch import Tensor
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from diffusion_lab.metrics.base import format_count
@@ -42,14 +51,19 @@ __all__ = [
     "DEFAULT_CACHE_DIR",
     "INCEPTION",
     "INCEPTION_WEIGHTS_FILE",
+    "INCEPTION_WEIGHTS_ONLY",
     "INCEPTION_WEIGHTS_URL",
     "DigitsFeatureExtractor",
+    "FidelityCacheError",
     "FidelityMetric",
     "InceptionWeightsError",
     "UInt8Images",
+    "WeightsOnlyInceptionV3",
+    "check_cache_files",
     "digits_extractor_name",
     "file_digest",
     "images_digest",
+    "load_inception_state_dict",
     "resolve_inception_weights",
     "to_uint8",
 ]
@@ -59,12 +73,28 @@ log = logging.getLogger(__name__)
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
+# The first 8 hex digits of the official file's sha256, as torch hub names files; checked on download.
+INCEPTION_SHA256_PREFIX = torch.hub.HASH_REGEX.findall(INCEPTION_WEIGHTS_FILE)[-1]
+INCEPTION_WEIGHTS_ONLY = f"{INCEPTION}-weights-only"  # torch-fidelity registry name of WeightsOnlyInceptionV3
+# What a torch-fidelity cache file may hold beyond tensors: float numpy arrays (the FID mean and covariance).
+_ARRAY_GLOBALS: list[Any] = [
+    _reconstruct,
+    np.ndarray,
+    np.dtype,
+    np.dtypes.Float32DType,
+    np.dtypes.Float64DType,
+]
 DEFAULT_CACHE_DIR = Path("~/.cache/diffusion_lab/fidelity")
 _CHUNK = 4096
 
 
 class InceptionWeightsError(RuntimeError):
-    """The InceptionV3 weights are neither at ``metrics.inception_weights`` nor downloadable."""
+    """The InceptionV3 weights are neither at ``metrics.inception_weights`` nor downloadable, or the file is not a
+    weights-only InceptionV3 state dict."""
+
+
+class FidelityCacheError(RuntimeError):
+    """A file in ``metrics.cache_dir`` holds more than tensors and float arrays: refused, never unpickled."""
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -130,7 +160,9 @@ def _download(dst: Path, timeout: float) -> None:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
-        torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(dst), progress=False)
+        torch.hub.download_url_to_file(
+            INCEPTION_WEIGHTS_URL, str(dst), hash_prefix=INCEPTION_SHA256_PREFIX, progress=False
+        )
     finally:
         socket.setdefaulttimeout(previous)
 
@@ -158,6 +190,98 @@ def resolve_inception_weights(path: str | Path | None, timeout: float = 60.0) ->
             _weights_help(f"metrics.inception_weights=null and downloading the weights failed ({err!r})")
         ) from err
     return hub
+
+
+def _brief(err: BaseException) -> str:
+    """``"Type: first line of the message"`` (torch's unpickling errors run to a page)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+@functools.lru_cache(maxsize=1)
+def _read_state_dict(path: str, size: int, mtime_ns: int) -> dict[str, Tensor]:
+    """The weights-only read behind :func:`load_inception_state_dict` (memoised on path, size and mtime)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, pickled objects, truncated, empty ...
+        raise InceptionWeightsError(
+            _weights_help(
+                f"metrics.inception_weights: {path} is not a weights-only torch state dict ({_brief(err)}); "
+                "it is never unpickled as arbitrary objects"
+            )
+        ) from err
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise InceptionWeightsError(
+            _weights_help(
+                f"metrics.inception_weights: {path} holds a {type(state).__name__}, not a {{name: Tensor}} dict"
+            )
+        )
+    return state
+
+
+def load_inception_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read an InceptionV3 weights file with ``torch.load(weights_only=True)``: ``{name: Tensor}``.
+
+    Raises:
+        InceptionWeightsError: the file is not a weights-only state dict (text, empty, pickled objects, …).
+    """
+    st = Path(path).stat()
+    return _read_state_dict(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+class WeightsOnlyInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's ``inception-v3-compat`` network, its weights file read weights-only.
+
+    torch-fidelity's own class unpickles ``feature_extractor_weights_path`` with ``weights_only=False``; this one
+    reads it with :func:`load_inception_state_dict` and hands the parent the same tensors re-serialised in memory,
+    so only plain tensors ever reach its loader. Missing/unexpected keys or wrong shapes raise
+    :class:`InceptionWeightsError`. Registered as :data:`INCEPTION_WEIGHTS_ONLY`.
+    """
+
+    def __init__(
+        self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs: Any
+    ) -> None:
+        if feature_extractor_weights_path is None:
+            raise InceptionWeightsError(_weights_help(f"{INCEPTION_WEIGHTS_ONLY} needs a local weights file"))
+        path = feature_extractor_weights_path
+        buffer = io.BytesIO()
+        torch.save(load_inception_state_dict(path), buffer)
+        buffer.seek(0)
+        try:
+            super().__init__(name, features_list, feature_extractor_weights_path=buffer, **kwargs)
+        except RuntimeError as err:  # load_state_dict: missing/unexpected keys, size mismatches
+            raise InceptionWeightsError(
+                _weights_help(f"metrics.inception_weights: {path} is not an {INCEPTION} state dict ({_brief(err)})")
+            ) from err
+
+
+if INCEPTION_WEIGHTS_ONLY not in FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(INCEPTION_WEIGHTS_ONLY, WeightsOnlyInceptionV3)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_cache_file(path: str, size: int, mtime_ns: int) -> None:
+    """Read one cache file weights-only (tensors, float arrays); memoised on path, size and mtime."""
+    try:
+        with torch.serialization.safe_globals(_ARRAY_GLOBALS):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise FidelityCacheError(
+            f"metrics.cache_dir: {path} is not a weights-only cache file ({_brief(err)}); refused, never "
+            "unpickled. Delete it (it is recomputed) or point metrics.cache_dir at a directory you trust."
+        ) from err
+
+
+def check_cache_files(cache_root: Path, cache_name: str) -> None:
+    """Read every torch-fidelity cache file of ``cache_name`` (``<cache_root>/<cache_name>*.pt``) weights-only,
+    before torch-fidelity loads them with ``weights_only=False``.
+
+    Raises:
+        FidelityCacheError: a file holds anything but tensors and float arrays (e.g. a pickled object).
+    """
+    for path in sorted(cache_root.glob(glob.escape(cache_name) + "*.pt")):
+        st = path.stat()
+        _check_cache_file(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 # ------------------------------------------------------------------------ digits classifier in torch-fidelity
@@ -314,8 +438,10 @@ class FidelityMetric:
         return self._weights
 
     def check_ready(self) -> None:
-        """Locate the Inception weights now (a clear :class:`InceptionWeightsError` before any sampling)."""
-        _ = self.weights_path
+        """Locate the Inception weights and build the network from them now: a missing file, one that is not a
+        weights-only state dict, or one with the wrong keys/shapes is a clear :class:`InceptionWeightsError`
+        before any sampling."""
+        WeightsOnlyInceptionV3(INCEPTION_WEIGHTS_ONLY, ["2048"], feature_extractor_weights_path=str(self.weights_path))
 
     @property
     def extractor_id(self) -> str:
@@ -338,11 +464,21 @@ class FidelityMetric:
         return f"{_safe(self.reference_name)}-{images_digest(reference)}-{res}-w{file_digest(self.weights_path)}"
 
     # -- computation ---------------------------------------------------------------------------------------
+    @property
+    def cache_root(self) -> Path:
+        """The reference cache directory (``cache_dir``, default :data:`DEFAULT_CACHE_DIR`)."""
+        return Path(self.cache_dir).expanduser() if self.cache_dir is not None else DEFAULT_CACHE_DIR.expanduser()
+
+    def _calculate(self, cache_name: str, **kwargs: Any) -> dict[str, float]:
+        """``torch_fidelity.calculate_metrics`` after checking the cache files of ``cache_name`` weights-only."""
+        check_cache_files(self.cache_root, cache_name)
+        return dict(torch_fidelity.calculate_metrics(**kwargs))
+
     def _kwargs(self, n1: int, n2: int) -> dict[str, Any]:
         cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
-        root = Path(self.cache_dir).expanduser() if self.cache_dir is not None else DEFAULT_CACHE_DIR.expanduser()
+        root = self.cache_root
         return {
-            "feature_extractor": INCEPTION,
+            "feature_extractor": INCEPTION_WEIGHTS_ONLY,
             "feature_extractor_weights_path": str(self.weights_path),
             "feature_layer_fid": self.feature_layer,
             "feature_layer_kid": self.feature_layer,
@@ -367,8 +503,8 @@ class FidelityMetric:
         """
         ref_name = self.reference_cache_name(reference)
         kwargs = self._kwargs(len(samples), len(reference))
-        raw = torch_fidelity.calculate_metrics(
-            input1=UInt8Images(samples), input2=UInt8Images(reference), input2_cache_name=ref_name,
+        raw = self._calculate(
+            ref_name, input1=UInt8Images(samples), input2=UInt8Images(reference), input2_cache_name=ref_name,
             fid=self.fid, isc=self.isc, kid=self.kid, prc=self.prc, **kwargs,
         )  # fmt: skip
         out = self._rename(raw)
@@ -387,7 +523,8 @@ class FidelityMetric:
             return {}
         ref_name = ref_name or self.reference_cache_name(reference)
         idx = torch.randperm(len(reference), generator=torch.Generator().manual_seed(self.seed))[:n]
-        raw = torch_fidelity.calculate_metrics(
+        raw = self._calculate(
+            ref_name,
             input1=UInt8Images(reference[idx]), input1_cache_name=f"{ref_name}-subset{n}-seed{self.seed}",
             input2=UInt8Images(reference), input2_cache_name=ref_name,
             fid=self.fid, kid=self.kid, **self._kwargs(n, len(reference)),
@@ -403,8 +540,8 @@ class FidelityMetric:
         floor = self.floor(num_samples, reference, ref_name)
         if not floor:  # still fill the cache: score the reference against itself
             n = min(len(reference), max(num_samples, 2))
-            torch_fidelity.calculate_metrics(
-                input1=UInt8Images(reference[:n]), input2=UInt8Images(reference), input2_cache_name=ref_name,
+            self._calculate(
+                ref_name, input1=UInt8Images(reference[:n]), input2=UInt8Images(reference), input2_cache_name=ref_name,
                 fid=self.fid, kid=self.kid, prc=self.prc, isc=not (self.fid or self.kid or self.prc),
                 **self._kwargs(n, len(reference)),
             )  # fmt: skip
