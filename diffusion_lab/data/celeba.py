@@ -76,6 +76,16 @@ def crop_and_resize(path: Path, box: tuple[int, int, int, int], resolution: int)
     return np.asarray(image.crop(box).resize((resolution, resolution), Image.Resampling.BILINEAR))
 
 
+def _read_cache(path: Path) -> np.ndarray | None:
+    """A cached ``.npy`` array, read with ``allow_pickle=False`` (a pickle or an object array is refused, never
+    run); ``None``, with a warning, when the file is unreadable, so the images are decoded again."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        warnings.warn(f"ignoring the CelebA cache {path} ({err}); decoding the images again", stacklevel=2)
+        return None
+
+
 class CelebADataModule(DiffusionDataModule):
     """CelebA faces; batches ``(x (B, 3, R, R) float32 in [-1, 1], y (B,) zeros)`` (no class labels).
 
@@ -199,8 +209,8 @@ class CelebADataModule(DiffusionDataModule):
         paths = self._split_paths(split)
         cached = self._cache_path(split)
         if self.cache and cached.is_file():
-            array = np.load(cached)
-            if array.dtype == np.uint8 and array.shape == (len(paths), *self.data_shape):
+            array = _read_cache(cached)
+            if array is not None and array.dtype == np.uint8 and array.shape == (len(paths), *self.data_shape):
                 return torch.from_numpy(array)
         x = files.decode_images(paths, lambda p: crop_and_resize(p, CROPS[self.crop], self.resolution), self.data_shape)
         if self.cache:

@@ -6,14 +6,16 @@ converted to float per batch.
 
 Integrity: by default torchvision's md5 checks of the official files apply. ``verify_md5=False``
 replaces them by a presence check — for files written by other tools, or by our tests, which write
-a tiny CIFAR-10 in the real pickle format and load it through this same code.
+a tiny CIFAR-10 in the real pickle format and load it through this same code. Either way the batch pickles
+are read by an unpickler that builds only containers and numpy arrays (:class:`_ArrayUnpickler`), so a
+crafted file is refused, never run; ``batches.meta`` (class names) is not read.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,17 +43,40 @@ def files_intact(folder: Path, verify_md5: bool) -> bool:
     return all(check_integrity(str(folder / name), MD5[name] if verify_md5 else None) for name in FILES)
 
 
-class _CIFAR10Files(CIFAR10):
-    """torchvision's CIFAR10 reader minus its md5 checks: the datamodule verifies the files first
-    (:func:`files_intact`), so here a presence check suffices and each file is hashed only once."""
+# Everything a CIFAR-10 batch pickle may name: numpy's array reconstruction, and the bytes constructor
+# ``_codecs.encode`` of protocol-2 pickles written by Python 3 (torch's weights-only unpickler allows it too); dicts,
+# lists, str and int need no global. Anything else (os.system, builtins.eval, …) is refused, never called.
+_ARRAY_GLOBALS = frozenset(
+    {(m, "_reconstruct") for m in ("numpy.core.multiarray", "numpy._core.multiarray")}
+    | {(m, "scalar") for m in ("numpy.core.multiarray", "numpy._core.multiarray")}
+    | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+)
 
-    def _check_integrity(self) -> bool:
-        return files_intact(Path(self.root) / BASE_FOLDER, verify_md5=False)
 
-    def _load_meta(self) -> None:
-        with open(os.path.join(self.root, BASE_FOLDER, str(self.meta["filename"])), "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds only builtin containers and numpy arrays, so a crafted batch file cannot run code
+    even with ``verify_md5=False`` (torchvision's reader calls ``pickle.load`` on it)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Resolve ``module.name`` only if it is one of :data:`_ARRAY_GLOBALS`."""
+        if (module, name) not in _ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to unpickle {module}.{name}: a CIFAR-10 batch holds only arrays")
+        return super().find_class(module, name)
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """One batch file -> ``(data (N, 3072) uint8, labels)``, read with :class:`_ArrayUnpickler`."""
+    with open(path, "rb") as f:
+        entry = _ArrayUnpickler(f, encoding="latin1").load()
+    return np.asarray(entry["data"], dtype=np.uint8), [int(y) for y in entry["labels"]]
+
+
+def read_split(folder: Path, train: bool) -> tuple[np.ndarray, list[int]]:
+    """``data_batch_1..5`` (train) or ``test_batch`` -> ``(x (N, 3, 32, 32) uint8, labels)``."""
+    names = [name for name, _ in (CIFAR10.train_list if train else CIFAR10.test_list)]
+    batches = [read_batch(folder / name) for name in names]
+    x = np.vstack([data for data, _ in batches]).reshape(-1, 3, 32, 32)
+    return x, [y for _, labels in batches for y in labels]
 
 
 def _fix_hint(folder: Path, download_failed: bool = False) -> str:
@@ -140,12 +165,11 @@ class CIFAR10DataModule(DiffusionDataModule):
     def _load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         """Read one split: (x (N, 3, 32, 32) uint8, y (N,) long)."""
         try:
-            ds = _CIFAR10Files(str(self.folder.parent), train=train, download=False)
+            data, labels = read_split(self.folder, train)
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
             hint = _fix_hint(self.folder)
             raise RuntimeError(f"Could not parse CIFAR-10 in {self.folder}: {err!r}. {hint}") from err
-        x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-        return x, torch.as_tensor(ds.targets, dtype=torch.long)
+        return torch.from_numpy(np.ascontiguousarray(data)), torch.as_tensor(labels, dtype=torch.long)
 
     def _build_datasets(self) -> tuple[TensorPairDataset, TensorPairDataset]:
         self._check_files()

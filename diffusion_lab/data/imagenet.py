@@ -182,7 +182,7 @@ class ImageNetDataModule(DiffusionDataModule):
     def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         """The ``data`` and ``labels`` arrays of one npz file."""
         try:
-            with np.load(path) as npz:
+            with np.load(path, allow_pickle=False) as npz:
                 return npz["data"], np.asarray(npz["labels"])
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
             raise RuntimeError(f"Could not read {path}: {err!r}. {self._fix_hint()}") from err
