@@ -28,10 +28,14 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
 from diffusion_lab.callbacks.evaluation import MAX_REFERENCE, generate_in_batches, guidance_suffix, sampling_protocol
 from diffusion_lab.config import (
     DIGITS_METRIC_RESIZE,
@@ -45,9 +49,6 @@ from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions
 from diffusion_lab.metrics import format_count, metric_key
 from diffusion_lab.metrics.likelihood import BitsPerDim, bits_per_dim
 from diffusion_lab.module import DiffusionModule, load_module
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
 from diffusion_lab.sample import build_sampler
 
 SPLITS = ("train", "val")
@@ -142,17 +143,55 @@ def _metric_protocol(metric: Any) -> dict[str, Any]:
     return {"metric": type(metric).__name__, **({"feature_extractor": extractor} if extractor else {}), **protocol}
 
 
-def evaluate_samples(
-    cfg: DictConfig, module: DiffusionModule, scores: list[str], overrides: list[str]
-) -> dict[str, Any]:
-    """Draw ``cfg.num_samples`` samples once and score them with every sample score (``val/<name>@N_nfeK``)."""
+@dataclass
+class SamplePlan:
+    """Everything sample scoring needs, built and checked before any evaluation work: the run's datamodule
+    (not set up), one metric per score (ready: e.g. the Inception weights loaded and checked) and the sampler."""
+
+    datamodule: Any
+    metrics: dict[str, Any]
+    sampler: Any
+
+
+# Sample-quality score -> (the data it scores, whether a checkpoint's ``data_shape`` is such data).
+SCORE_DATA: dict[str, tuple[str, Callable[[tuple[int, ...]], bool]]] = {
+    "fid": ("images (C, H, W) with C = 1 or 3", lambda s: len(s) == 3 and s[0] in (1, 3)),
+    "fd_digits": ("grayscale digit images (1, H, W)", lambda s: len(s) == 3 and s[0] == 1),
+    "toy2d": ("2-D points (2,)", lambda s: s == (2,)),
+}
+
+
+def check_score_data(scores: list[str], data_shape: tuple[int, ...]) -> None:
+    """Every sample score must suit the checkpoint's data (``fd_digits`` on 2-D points cannot produce a number);
+    raise :class:`ConfigError` naming ``scores`` and the scores valid for this data."""
+    shape = tuple(data_shape)
+    bad = [s for s in scores if s in SCORE_DATA and not SCORE_DATA[s][1](shape)]
+    if bad:
+        valid = [s for s, (_, fits) in SCORE_DATA.items() if fits(shape)] + list(EVALUATORS)
+        needs = "; ".join(f"{s} needs {SCORE_DATA[s][0]}" for s in bad)
+        raise ConfigError(
+            f"scores={bad} cannot score this checkpoint's data of shape {shape} ({needs}); "
+            f"valid choices for this checkpoint: {valid}"
+        )
+
+
+def plan_samples(cfg: DictConfig, module: DiffusionModule, scores: list[str], overrides: list[str]) -> SamplePlan:
+    """Build and check the metrics and sampler of the sample ``scores`` (data shape, Inception weights, guidance,
+    sampler vs schedule): an impossible request fails here, before any likelihood evaluation or sampling."""
     assert module.config is not None
+    check_score_data(scores, module.data_shape)
     datamodule = instantiate(OmegaConf.create(module.config)["dataset"])
     metrics = {s: sample_metric(cfg, module, s, datamodule) for s in scores}
-    for metric in metrics.values():  # e.g. locate the Inception weights before sampling
+    for metric in metrics.values():  # e.g. load and check the Inception weights
         getattr(metric, "check_ready", lambda: None)()
     check_guidance("guidance_scale", cfg.guidance_scale, module.num_classes, module.p_uncond)
-    sampler = build_sampler(cfg, module, overrides)
+    return SamplePlan(datamodule, metrics, build_sampler(cfg, module, overrides))
+
+
+def evaluate_samples(cfg: DictConfig, module: DiffusionModule, plan: SamplePlan) -> dict[str, Any]:
+    """Draw ``cfg.num_samples`` samples once and score them with every metric of ``plan``
+    (``val/<name>@N_nfeK``)."""
+    datamodule, sampler = plan.datamodule, plan.sampler
     out, rate = generate_in_batches(
         module, cfg.num_samples, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, progress=True,
         guidance_scale=cfg.guidance_scale,
@@ -167,7 +206,7 @@ def evaluate_samples(
             "reference": f"{type(datamodule).__name__} train split",
         },
     }  # fmt: skip
-    for score, metric in metrics.items():
+    for score, metric in plan.metrics.items():
         reference = _reference(metric, datamodule)
         raw = metric.compute(out.x0, reference)
         results |= {metric_key("val", k, cfg.num_samples, out.nfe, suffix): float(v) for k, v in raw.items()}
@@ -180,8 +219,10 @@ def reference_stats_only(cfg: DictConfig, module: DiffusionModule) -> dict[str, 
     assert module.config is not None
     if "fid" not in cfg.scores:
         raise ConfigError(f"ref_stats_only=true needs fid in scores, got scores={list(cfg.scores)}")
+    check_score_data(["fid"], module.data_shape)
     datamodule = instantiate(OmegaConf.create(module.config)["dataset"])
     metric = sample_metric(cfg, module, "fid", datamodule)
+    metric.check_ready()
     reference = _reference(metric, datamodule)
     info = metric.prepare_reference(reference, cfg.num_samples)
     floors = {f"val/{k}": v for k, v in info.items() if "@" in k}
@@ -195,8 +236,11 @@ def _check_scores(cfg: DictConfig) -> None:
     unknown = [m for m in cfg.scores if m not in valid]
     if unknown:
         raise ConfigError(f"unknown scores {unknown}; valid choices: {valid}")
-    if cfg.num_samples <= 0 and any(s in SAMPLE_SCORES for s in cfg.scores):
-        raise ConfigError(f"num_samples must be > 0 for sample scores, got {cfg.num_samples}")
+    sample_scores = [s for s in cfg.scores if s in SAMPLE_SCORES]
+    if sample_scores and cfg.num_samples < 1:
+        raise ConfigError(
+            f"num_samples={cfg.num_samples}: the sample scores {sample_scores} need num_samples >= 1 (an integer)"
+        )
     if LikelihoodMethod(cfg.bpd_method) == LikelihoodMethod.ode:
         ode_options(cfg)
 
@@ -212,10 +256,11 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
     if cfg.ref_stats_only:
         outputs = [reference_stats_only(cfg, module)]
     else:
-        outputs = [EVALUATORS[name](cfg, module) for name in cfg.scores if name in EVALUATORS]
         sample_scores = [s for s in cfg.scores if s in SAMPLE_SCORES]
-        if sample_scores:
-            outputs.append(evaluate_samples(cfg, module, sample_scores, overrides or []))
+        plan = plan_samples(cfg, module, sample_scores, overrides or []) if sample_scores else None
+        outputs = [EVALUATORS[name](cfg, module) for name in cfg.scores if name in EVALUATORS]
+        if plan is not None:
+            outputs.append(evaluate_samples(cfg, module, plan))
     for out in outputs:
         results["protocol"].update(out.pop("protocol"))
         results.update(out)

@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
 from diffusion_lab.callbacks import generate_in_batches, sampling_protocol, save_png
 from diffusion_lab.callbacks.checkpoint import RUN_KEY, WANDB_KEY
 from diffusion_lab.config import ConfigError, check_guidance, check_sampler
 from diffusion_lab.module import load_checkpoint, load_module
 from diffusion_lab.tracking import track_job, training_run
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 
 def render(run_config: dict[str, Any], samples: torch.Tensor) -> np.ndarray:
@@ -59,6 +60,7 @@ def build_sampler(cfg: DictConfig, module: Any, overrides: list[str]) -> Any:
 
 def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Sample from ``cfg.ckpt_path`` into ``out_dir``; returns a summary dict. ``overrides``: the command line's."""
+    check_num_samples(cfg.num_samples)
     module = load_module(cfg.ckpt_path, map_location=cfg.device)
     assert module.config is not None
     check_sampling_request(cfg, module.num_classes, module.p_uncond)
@@ -101,6 +103,13 @@ def track(
     train_config = ckpt["diffusion_lab_config"]
     train = training_run(cfg.ckpt_path, train_config, ckpt.get(WANDB_KEY), ckpt.get(RUN_KEY))
     return track_job(cfg, out_dir, job_type, metrics, train_config, train, media)
+
+
+def check_num_samples(num_samples: int) -> None:
+    """``num_samples`` must be an integer >= 1 (0 would write an empty ``samples.npz`` and exit 0); raise
+    :class:`ConfigError` before the checkpoint is loaded."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples={num_samples!r}: must be an integer >= 1")
 
 
 def check_sampling_request(cfg: DictConfig, num_classes: int | None, p_uncond: float) -> None:

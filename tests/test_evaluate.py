@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -188,3 +189,92 @@ def test_evaluate_fid_and_fd_digits_on_a_digits_checkpoint(digits_ckpt, inceptio
     assert results["protocol"]["fid"]["feature_extractor"].startswith("inception-v3-compat-")
     assert results["protocol"]["fd_digits"]["feature_extractor"].startswith("digits_cnn-v")
     assert "| val/fid64@8_nfe2" in format_table(results)
+
+
+# ------------------------------------------------------------ requests that cannot produce a result: refused early
+
+
+def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make sampling and the likelihood evaluation fail loudly if reached (a refusal must come first)."""
+    import diffusion_lab.evaluate as evaluate
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the request was refused")
+
+    monkeypatch.setattr(evaluate, "generate_in_batches", forbidden)
+    monkeypatch.setitem(evaluate.EVALUATORS, "bpd", forbidden)
+
+
+@pytest.mark.parametrize("num_samples", [0, -3])
+def test_evaluate_refuses_num_samples_below_one_before_loading(
+    num_samples: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diffusion_lab.evaluate as evaluate
+    from diffusion_lab.config import ConfigError
+
+    monkeypatch.setattr(evaluate, "load_module", lambda *a, **k: pytest.fail("checkpoint loaded"))
+    cfg = _compose("evaluate", ["ckpt_path=missing.ckpt", "scores=[fd_digits]", f"num_samples={num_samples}"])
+    with pytest.raises(ConfigError, match=rf"num_samples={num_samples}: .*\['fd_digits'\] need num_samples >= 1"):
+        evaluate.run(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("num_samples", [0, -1])
+def test_sample_refuses_num_samples_below_one_before_loading(
+    num_samples: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diffusion_lab.sample as sample
+    from diffusion_lab.config import ConfigError
+
+    monkeypatch.setattr(sample, "load_module", lambda *a, **k: pytest.fail("checkpoint loaded"))
+    cfg = _compose("sample", ["ckpt_path=missing.ckpt", f"num_samples={num_samples}"])
+    with pytest.raises(ConfigError, match=rf"num_samples={num_samples}: must be an integer >= 1"):
+        sample.run(cfg, tmp_path)
+    assert not (tmp_path / "samples.npz").exists()
+
+
+@pytest.mark.parametrize(
+    ("ckpt", "score", "valid"),
+    [
+        ("toy_ckpt", "fd_digits", "['toy2d', 'bpd']"),
+        ("toy_ckpt", "fid", "['toy2d', 'bpd']"),
+        ("digits_ckpt", "toy2d", "['fid', 'fd_digits', 'bpd']"),
+    ],
+)
+def test_evaluate_refuses_a_score_that_does_not_fit_the_data(
+    ckpt: str, score: str, valid: str, request: pytest.FixtureRequest, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from diffusion_lab.config import ConfigError
+    from diffusion_lab.evaluate import run
+
+    _no_work(monkeypatch)
+    path = request.getfixturevalue(ckpt)
+    cfg = _compose("evaluate", [f"ckpt_path={path}", f"scores=[bpd,{score}]", "num_samples=4"])
+    with pytest.raises(
+        ConfigError, match=rf"scores=\['{score}'\] cannot score .*valid choices for this checkpoint"
+    ) as info:
+        run(cfg, tmp_path)
+    assert str(info.value).endswith(f"valid choices for this checkpoint: {valid}")
+
+
+@pytest.mark.parametrize("content", ["text", "empty", "wrong keys"])
+def test_evaluate_refuses_a_bad_inception_file_before_sampling(
+    content: str, digits_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text file, an empty file or another network's state dict as Inception weights: refused before the
+    likelihood evaluation and the sampling, naming the key."""
+    from diffusion_lab.evaluate import run
+    from diffusion_lab.metrics import InceptionWeightsError
+
+    weights = tmp_path / "weights.pth"
+    if content == "text":
+        weights.write_text("this is not a weights file\n")
+    elif content == "empty":
+        weights.write_bytes(b"")
+    else:
+        torch.save({"conv.weight": torch.zeros(3, 3)}, weights)
+    _no_work(monkeypatch)
+    cfg = _compose("evaluate", [f"ckpt_path={digits_ckpt}", "scores=[bpd,fid]", f"metrics.inception_weights={weights}"])
+    with pytest.raises(InceptionWeightsError, match=rf"metrics\.inception_weights: {re.escape(str(weights))}"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "evaluation.json").exists()
