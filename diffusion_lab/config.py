@@ -192,6 +192,7 @@ class Grid(str, Enum):
     trailing = "trailing"  # diffusers' timestep_spacing="trailing", starts at t = 1 (discrete schedules)
     karras = "karras"  # Karras et al. 2022 eq. 5 in σ/α (options rho, sigma_min, sigma_max)
     log_snr = "log_snr"  # uniform in log-SNR (options sigma_min, sigma_max)
+    tuned = "tuned"  # fitted to the checkpoint by dlab-tune-grid (dlab-sample / dlab-evaluate only)
 
 
 class DDPMVariance(str, Enum):
@@ -780,6 +781,24 @@ class EvaluateConfig:
     logger: JobLoggerConfig = field(default_factory=JobLoggerConfig)
 
 
+@dataclass
+class TuneGridConfig:
+    """``dlab-tune-grid``: fit ``sampler``'s (null: the run's) ``steps``-step grid to ``ckpt_path``
+    (diffusion_lab/samplers/tuning.py); the grid file is written beside the checkpoint."""
+
+    ckpt_path: str = MISSING
+    sampler: Any = None
+    num_draws: int = 256  # noise draws the grid is fitted on
+    num_heldout: int = 256  # other draws the error is reported on (and the fit accepted by)
+    max_evals: int = 200  # loss evaluations of the search, each `steps` NFE on num_draws examples
+    batch_size: int = 256
+    seed: int = 0
+    reference_rtol: float = 1e-6  # the RK45 reference solve
+    reference_atol: float = 1e-6
+    use_ema: bool = True
+    device: str = "cpu"
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
     "schedule": {
         "linear": LinearScheduleConfig,
@@ -851,6 +870,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="tune_grid_schema", node=TuneGridConfig)
 
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "64")

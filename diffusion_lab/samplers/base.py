@@ -139,15 +139,27 @@ def register_grid(name: str, options: tuple[str, ...] = ()) -> Callable[[GridFn]
     return wrap
 
 
+# A grid fitted to one checkpoint (diffusion_lab/samplers/tuning.py), attached by :meth:`Sampler.use_tuned_grid`.
+TUNED_GRID = "tuned"
+TUNED_GRID_HELP = (
+    "sampler.grid=tuned is a grid fitted to one checkpoint, sampler and step count by "
+    "`dlab-tune-grid ckpt_path=… sampler=… sampler.steps=N`; dlab-sample and dlab-evaluate load it for their "
+    "ckpt_path, and nothing else can use it (e.g. training, whose weights change)"
+)
+
+
 def check_grid(name: str, options: GridOptions) -> None:
-    """Raise unless ``name`` is a registered grid and every option set is one that grid accepts."""
-    if name not in TIME_GRIDS:
-        raise ValueError(f"unknown sampler.grid {name!r}; valid choices: {sorted(TIME_GRIDS)}")
-    extra = [k for k in options.given() if k not in GRID_OPTIONS[name]]
+    """Raise unless ``name`` is a registered grid (or ``tuned``) and every option set is one that grid accepts."""
+    if name not in TIME_GRIDS and name != TUNED_GRID:
+        raise ValueError(
+            f"unknown sampler.grid {name!r}; valid choices: {sorted(TIME_GRIDS)} or {TUNED_GRID!r} (dlab-tune-grid)"
+        )
+    allowed = GRID_OPTIONS.get(name, ())
+    extra = [k for k in options.given() if k not in allowed]
     if extra:
         accepted = {g: list(o) for g, o in GRID_OPTIONS.items() if o}
         raise ValueError(
-            f"sampler.grid={name!r} takes no option {extra}; valid options: {list(GRID_OPTIONS[name])} "
+            f"sampler.grid={name!r} takes no option {extra}; valid options: {list(allowed)} "
             f"(grids with options: {accepted})"
         )
 
@@ -293,6 +305,8 @@ def time_grid(
     check_grid(name, options)
     if steps < 1:
         raise ValueError(f"sampler.steps must be a positive integer, got {steps}")
+    if name == TUNED_GRID:
+        raise ValueError(TUNED_GRID_HELP)
     grid = TIME_GRIDS[name](steps, schedule, options)
     if grid.shape != (steps + 1,) or not bool((grid[1:] < grid[:-1]).all()) or grid[-1] != 0 or grid[0] > 1:
         raise ValueError(
@@ -374,10 +388,25 @@ class Sampler:
         if clip_x0 is not None and not clip_x0 > 0:
             raise ValueError(f"sampler.clip_x0 must be > 0 or null, got {clip_x0}")
         self.steps, self.grid, self.clip_x0 = steps, grid, clip_x0
+        self.tuned_grid: Tensor | None = None  # grid="tuned": the fitted grid, and the file it came from
+        self.tuned_grid_file: str | None = None
 
     def time_grid(self, schedule: NoiseSchedule) -> Tensor:
-        """The ``(steps+1,)`` float64 grid this sampler uses by default."""
+        """The ``(steps+1,)`` float64 grid this sampler uses by default (``tuned``: the attached one)."""
+        if self.grid == TUNED_GRID:
+            if self.tuned_grid is None:
+                raise ValueError(TUNED_GRID_HELP)
+            return self.tuned_grid.clone()
         return time_grid(self.grid, self.steps, schedule, **asdict(self.grid_options))
+
+    def use_tuned_grid(self, grid: Tensor, source: str) -> None:
+        """Attach a fitted ``(steps+1,)`` grid (strictly decreasing in ``[0, 1]``, ending at 0) read from ``source``."""
+        grid = grid.to(F64).cpu()
+        if self.grid != TUNED_GRID:
+            raise ValueError(f"a tuned grid is attached only to a sampler with grid={TUNED_GRID!r}, not {self.grid!r}")
+        if grid.shape != (self.steps + 1,) or not bool((grid[1:] < grid[:-1]).all()) or grid[-1] != 0 or grid[0] > 1:
+            raise ValueError(f"{source}: not a strictly decreasing {self.steps}-step grid in [0, 1] ending at 0")
+        self.tuned_grid, self.tuned_grid_file = grid, source
 
     def prior(
         self,

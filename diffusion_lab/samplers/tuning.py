@@ -1,0 +1,244 @@
+"""Model-tuned time grids: fit a deterministic sampler's N-step grid to one denoiser.
+
+The idea of "Align Your Steps" (Sabour et al. 2024, arXiv:2404.14507): the best grid depends on the model, so
+optimise it for the model at hand. Like GITS (Chen et al. 2024, arXiv:2405.11326) we measure a grid by the
+sampler's error against a fine "teacher" solve of the same noise, but we fit the grid by direct search on the
+exact quantity reported instead of a dynamic programme over one-step costs (a DP is exact only for single-step
+samplers; DPM-Solver++ 2M and UniPC reuse earlier evaluations, so the cost of a step depends on the path to it).
+
+Method (every piece below is what :func:`fit_grid` runs):
+
+- The grid ``t_0 > t_1 > … > t_{N−1} > t_N = 0`` keeps the start grid's ``t_0`` (where the prior is drawn) and
+  ``t_N = 0``. The ``N − 1`` interior points live in ``u = log σ_e`` (``σ_e = σ/α = e^{−λ/2}``) between ``u_top``
+  (``u(t_0)``) and ``u_floor`` (the σ-grids' default smallest ``σ_e``, or lower if the start grid goes lower):
+  ``u_i = u_top − (u_top − u_floor)·Σ_{j≤i} softmax(z)_j`` with ``N`` logits ``z``, ``z_N = 0`` fixed, so any
+  ``z ∈ R^{N−1}`` is a strictly decreasing grid with the same end points (:class:`LogSigmaGrid`).
+- Reference: the same ``x_T`` integrated by the adaptive RK45 solver (tight tolerances) down to ``σ_e = u_floor``'s
+  ``σ``, finished with ``x ← α x̂0`` as a grid ending there is (:func:`reference_solve`).
+- Loss: the mean squared endpoint error per dimension, ``mean((x_N − x_ref)²)``, on ``fit`` draws (fixed noise, so
+  the objective is deterministic); the error reported is the RMSE on separate ``heldout`` draws.
+- Optimiser: Nelder–Mead (scipy, ``adaptive=True``, Gao & Han 2012) on ``z`` from the start grid. The samplers
+  are torch code without gradients (``no_grad``, coefficients as python floats), so the search is derivative-free
+  and runs the sampler's own ``sample`` — any deterministic sampler can be tuned unchanged.
+- Acceptance: a fit whose held-out error is not below the start grid's is rejected and the start grid kept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from torch import Tensor
+
+from diffusion_lab.diffusion.denoiser import Denoiser
+from diffusion_lab.diffusion.schedules import NoiseSchedule
+from diffusion_lab.samplers.base import (
+    EDM_SIGMA_MAX,
+    F64,
+    GridOptions,
+    Sampler,
+    schedule_alpha_sigma,
+    schedule_t_from_log_snr,
+    sigma_range,
+)
+from diffusion_lab.samplers.ode import RK45Sampler
+
+# Smallest share of the log-σ range a start-grid increment is given when it is 0 (a start grid whose last point
+# before t = 0 is the floor itself): its logit must be finite.
+MIN_SHARE = 1e-4
+# Nelder–Mead's first simplex: each logit moved by this much (a factor e^0.5 on one increment).
+SIMPLEX_STEP = 0.5
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How a grid is fitted: ``num_draws`` fit and ``num_heldout`` held-out noise draws (fixed by ``seed``),
+    at most ``max_evals`` loss evaluations, evaluated in batches of ``batch_size``; the reference is RK45 with
+    ``reference_rtol``/``reference_atol``."""
+
+    num_draws: int = 256
+    num_heldout: int = 256
+    max_evals: int = 200
+    batch_size: int = 256
+    seed: int = 0
+    reference_rtol: float = 1e-6
+    reference_atol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("num_draws", "num_heldout", "max_evals", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        for name in ("reference_rtol", "reference_atol"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in (0, 1)")
+
+
+class LogSigmaGrid:
+    """Monotone map from logits ``z (N−1,)`` to a ``(N+1,)`` float64 grid (module docstring).
+
+    ``t_0`` and ``t_N = 0`` are the start grid's; interior ``σ_e`` lie in ``(σ_floor, σ_top)``.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, start: Tensor, sigma_floor: float) -> None:
+        self.schedule, self.steps = schedule, start.numel() - 1
+        self.t_0 = float(start[0])
+        sigma_e = _sigma_e(schedule, start)
+        top = float(sigma_e[0]) if math.isfinite(sigma_e[0]) else max(EDM_SIGMA_MAX, 10.0 * float(sigma_e[1]))
+        self.u_top, self.u_floor = math.log(top), math.log(sigma_floor)
+        if not self.u_floor < self.u_top:
+            raise ValueError(f"the grid's floor σ_e={sigma_floor:.4g} is not below its start σ_e={top:.4g}")
+
+    def grid(self, z: np.ndarray) -> Tensor:
+        """``z (N−1,)`` ↦ the ``(N+1,)`` grid ``[t_0, t(u_1), …, t(u_{N−1}), 0]``."""
+        logits = torch.cat([torch.as_tensor(z, dtype=F64), torch.zeros(1, dtype=F64)])
+        shares = torch.softmax(logits, 0).cumsum(0)[:-1]  # (N−1,) in (0, 1), increasing
+        u = self.u_top - (self.u_top - self.u_floor) * shares
+        interior = schedule_t_from_log_snr(self.schedule, -2.0 * u)
+        return torch.cat([torch.tensor([self.t_0], dtype=F64), interior, torch.zeros(1, dtype=F64)])
+
+    def logits(self, grid: Tensor) -> np.ndarray:
+        """The ``z (N−1,)`` whose :meth:`grid` is (close to) ``grid``'s interior; zero increments get
+        :data:`MIN_SHARE` of the range."""
+        u = torch.log(_sigma_e(self.schedule, grid[1:-1])).clamp(self.u_floor, self.u_top)
+        knots = torch.cat([torch.tensor([self.u_top], dtype=F64), u, torch.tensor([self.u_floor], dtype=F64)])
+        shares = (-knots.diff() / (self.u_top - self.u_floor)).clamp(min=MIN_SHARE)  # (N,)
+        return (shares.log()[:-1] - shares.log()[-1]).numpy()
+
+
+def _sigma_e(schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """``σ/α`` at ``t`` (float64, ``inf`` where ``α = 0``)."""
+    alpha, sigma = schedule_alpha_sigma(schedule, t)
+    return sigma / alpha
+
+
+def sigma_floor(schedule: NoiseSchedule, start: Tensor) -> float:
+    """The smallest interior ``σ_e``: the σ-grids' default ``sigma_min``, or the start grid's smallest positive
+    ``σ_e`` if lower (so the start grid is representable)."""
+    floor = sigma_range(schedule, GridOptions()).sigma_min
+    sigma_e = _sigma_e(schedule, start[:-1])
+    return min(floor, float(sigma_e.min()))
+
+
+def run_batched(fn: Callable[[Tensor, Tensor | None], Tensor], x: Tensor, y: Tensor | None, batch: int) -> Tensor:
+    """``fn`` over ``x (B, ...)`` (and labels ``y (B,)``) in chunks of ``batch``; outputs concatenated."""
+    outs = [fn(x[i : i + batch], None if y is None else y[i : i + batch]) for i in range(0, x.shape[0], batch)]
+    return torch.cat(outs)
+
+
+def reference_solve(
+    denoiser: Denoiser, x_T: Tensor, t_0: float, floor: float, clip_x0: float | None, rtol: float, atol: float,
+    y: Tensor | None = None, batch: int = 256,
+) -> tuple[Tensor, int]:  # fmt: skip
+    """RK45 from ``t_0`` to ``σ_e = floor`` then ``x ← α x̂0`` (``σ = 0`` at ``t = 0``); ``x_T (B, ...)`` →
+    ``(x_ref (B, ...), evaluations: Σ NFE × examples)``. ``clip_x0``: the tuned sampler's (it defines the ODE)."""
+    solver = RK45Sampler(rtol=rtol, atol=atol, sigma_stop=floor, clip_x0=clip_x0)
+    grid, calls = torch.tensor([t_0, 0.0], dtype=F64), [0]
+
+    def solve(x: Tensor, lab: Tensor | None) -> Tensor:
+        out = solver.sample(denoiser, x, y=lab, t_grid=grid)
+        calls[0] += out.nfe * x.shape[0]
+        return out.x0
+
+    return run_batched(solve, x_T, y, batch), calls[0]
+
+
+class EndpointError:
+    """``grid ↦ mean((x_N − x_ref)²)`` of ``sampler`` on fixed draws ``x_T (B, ...)``; ``evals`` counts the
+    denoiser's evaluations of single examples (NFE × examples)."""
+
+    def __init__(
+        self, sampler: Sampler, denoiser: Denoiser, x_T: Tensor, x_ref: Tensor, y: Tensor | None, batch: int
+    ) -> None:
+        self.sampler, self.denoiser, self.x_T, self.x_ref, self.y, self.batch = sampler, denoiser, x_T, x_ref, y, batch
+        self.evals = 0
+
+    def __call__(self, grid: Tensor) -> float:
+        def run(x: Tensor, lab: Tensor | None) -> Tensor:
+            out = self.sampler.sample(self.denoiser, x, y=lab, t_grid=grid)
+            self.evals += out.nfe * x.shape[0]
+            return out.x0
+
+        x_N = run_batched(run, self.x_T, self.y, self.batch)
+        return float((x_N.double() - self.x_ref.double()).square().mean())
+
+
+def check_deterministic(sampler: Sampler, denoiser: Denoiser, x_T: Tensor, grid: Tensor, y: Tensor | None) -> int:
+    """Raise unless ``sampler`` maps ``x_T (B, ...)`` to the same endpoint under two different noise generators;
+    returns the evaluations spent (NFE × examples)."""
+    outs = [sampler.sample(denoiser, x_T, y=y, t_grid=grid, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    if not torch.equal(outs[0].x0, outs[1].x0):
+        raise ValueError(
+            f"sampler {sampler.name!r} draws noise while it samples (its endpoint is not a function of x_T), so no "
+            "grid can be fitted to a reference solve of the same noise; tune a deterministic sampler: dpm_solver, "
+            "unipc, heun, euler or ddim with s_churn=0 and eta=0"
+        )
+    return (outs[0].nfe + outs[1].nfe) * x_T.shape[0]
+
+
+@dataclass(frozen=True)
+class GridFit:
+    """A fitted grid and its record. ``grid``/``start``: ``(N+1,)`` float64; errors are RMSE per dimension
+    against the reference on the fit and held-out draws, before (start grid) and after (``grid``);
+    ``accepted``: the fit beat the start on held-out draws (else ``grid`` is the start grid).
+    Cost: ``loss_evaluations`` of the search; ``sampler_evals`` / ``reference_evals``: denoiser evaluations of one
+    example (NFE × examples) by the tuned sampler (search, checks and reports) and by the reference solver."""
+
+    grid: Tensor
+    start: Tensor
+    fit_before: float
+    fit_after: float
+    heldout_before: float
+    heldout_after: float
+    accepted: bool
+    loss_evaluations: int
+    sampler_evals: int
+    reference_evals: int
+    sigma_floor: float
+    wall_s: float
+
+
+def fit_grid(
+    sampler: Sampler, denoiser: Denoiser, x_fit: Tensor, x_heldout: Tensor, options: FitOptions,
+    y_fit: Tensor | None = None, y_heldout: Tensor | None = None,
+) -> GridFit:  # fmt: skip
+    """Fit ``sampler``'s grid (its own ``time_grid`` is the start) to ``denoiser`` on noise ``x_fit (B, ...)``
+    (drawn at the start grid's ``t_0``); report on ``x_heldout (B', ...)``. See the module docstring."""
+    began = time.perf_counter()
+    start = sampler.time_grid(denoiser.schedule)
+    checked = check_deterministic(sampler, denoiser, x_fit[:4], start, None if y_fit is None else y_fit[:4])
+    floor = sigma_floor(denoiser.schedule, start)
+    ref = float(start[0]), floor, sampler.clip_x0, options.reference_rtol, options.reference_atol
+    fit_ref, ref_a = reference_solve(denoiser, x_fit, *ref, y=y_fit, batch=options.batch_size)
+    held_ref, ref_b = reference_solve(denoiser, x_heldout, *ref, y=y_heldout, batch=options.batch_size)
+    loss = EndpointError(sampler, denoiser, x_fit, fit_ref, y_fit, options.batch_size)
+    held = EndpointError(sampler, denoiser, x_heldout, held_ref, y_heldout, options.batch_size)
+    param = LogSigmaGrid(denoiser.schedule, start, floor)
+    z, evaluations = _search(loss, param, start, options.max_evals) if start.numel() > 2 else (None, 0)
+    candidate = start if z is None else param.grid(z)
+    held_before, held_after = held(start), held(candidate)
+    accepted = held_after < held_before
+    grid = candidate if accepted else start
+    fit_before, fit_after = loss(start), loss(grid)
+    return GridFit(
+        grid=grid, start=start, fit_before=math.sqrt(fit_before), fit_after=math.sqrt(fit_after),
+        heldout_before=math.sqrt(held_before), heldout_after=math.sqrt(min(held_after, held_before)),
+        accepted=bool(accepted), loss_evaluations=evaluations, sampler_evals=loss.evals + held.evals + checked,
+        reference_evals=ref_a + ref_b, sigma_floor=floor, wall_s=time.perf_counter() - began,
+    )  # fmt: skip
+
+
+def _search(loss: EndpointError, param: LogSigmaGrid, start: Tensor, max_evals: int) -> tuple[np.ndarray, int]:
+    """Nelder–Mead on the logits from the start grid's; returns the best logits and the evaluations used."""
+    z0 = param.logits(start)
+    simplex = np.vstack([z0, z0 + SIMPLEX_STEP * np.eye(z0.size)])
+    result = minimize(
+        lambda z: loss(param.grid(z)), z0, method="Nelder-Mead",
+        options={"maxfev": max_evals, "initial_simplex": simplex, "adaptive": True, "xatol": 1e-3, "fatol": 0.0},
+    )  # fmt: skip
+    return np.asarray(result.x), int(result.nfev)
