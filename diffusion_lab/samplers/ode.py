@@ -32,6 +32,9 @@ from diffusion_lab.samplers.base import (
 )
 
 F64 = torch.float64
+# Heun takes Karras et al.'s trapezoid on steps with σ_e/σ_e' up to this ratio (HeunSampler.ode_step): EDM's 18-step
+# ρ = 7 grids stay below 3.5; karras and log_snr at 3 steps reach 591 and 125.
+HEUN_MAX_SIGMA_RATIO = 10.0
 
 
 def alpha_sigma_at(model: CountingDenoiser, t: float) -> tuple[float, float]:
@@ -144,7 +147,9 @@ class HeunSampler(ScaledODESampler):
 
     NFE = 2·steps − 1 when the grid ends at ``σ = 0`` (VP, rectified flow: that step is Euler, Alg. 1 l. 6),
     2·steps when it ends at ``σ_e(0) > 0`` (VE); a first step from ``α = 0`` (``σ_e = ∞``, zero terminal SNR),
-    where the trapezoid has no limit, is also Euler (one NFE less).
+    where the trapezoid has no limit, is also Euler (one NFE less). A step dividing ``σ_e`` by more than
+    ``HEUN_MAX_SIGMA_RATIO`` = 10 (only at a few steps) combines the same two evaluations by the exponential trapezoid
+    instead of Alg. 1 l. 8, which diverges there (tests/samplers/test_step_ratios.py).
     """
 
     name = "heun"
@@ -154,7 +159,14 @@ class HeunSampler(ScaledODESampler):
         x_euler = nxt.alpha * x0_hat + nxt.sigma * eps_hat
         if nxt.sigma == 0 or cur.alpha == 0:
             return x_euler
-        _, eps_next = model.x0_eps(x_euler, nxt.t, nxt.alpha, nxt.sigma, y)
+        x0_next, eps_next = model.x0_eps(x_euler, nxt.t, nxt.alpha, nxt.sigma, y)
+        ratio = nxt.sigma_e / cur.sigma_e
+        if ratio < 1.0 / HEUN_MAX_SIGMA_RATIO:
+            # The trapezoid's correction is (σ_e/σ_e' − 1)/2 times the change of x̂0 over the step, so over a large
+            # ratio it overshoots (Heun diverged at NFE 5 on karras/log_snr, as k-diffusion's does). The same two
+            # evaluations then enter the exponential trapezoid (DPM-Solver-2 of Lu et al. 2022a with r = 1, in
+            # x̃ = x/α): x̃' = ρ x̃ + (1 − ρ)(x̂0 + x̂0')/2 with ρ = σ_e'/σ_e, a convex combination.
+            return nxt.alpha * (ratio * x / cur.alpha + (1.0 - ratio) * 0.5 * (x0_hat + x0_next))
         # Alg. 1 l. 8: x̃' = x̃ + (σ_e' − σ_e)·(d + d')/2 with d = ε̂ at (x̃, σ_e), d' = ε̂ at the Euler point.
         h = nxt.sigma_e - cur.sigma_e
         return nxt.alpha * (x / cur.alpha + h * 0.5 * (eps_hat + eps_next))

@@ -41,7 +41,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusion_lab.samplers.base import CountingDenoiser, Generator, Sampler, schedule_alpha_sigma
-from diffusion_lab.samplers.dpm_solver import GridNodes, half_log_snr, linear_combination, multistep_weights
+from diffusion_lab.samplers.dpm_solver import (
+    GridNodes,
+    extrapolation_order_cap,
+    half_log_snr,
+    linear_combination,
+    multistep_weights,
+)
 
 # Zhao et al. 2023, §3.1: B(h) = h (bh1) or e^h − 1 (bh2), here of the data-prediction form (positive, see above).
 B_FUNCTIONS: dict[str, Callable[[float], float]] = {
@@ -113,7 +119,8 @@ class UniPCSampler(Sampler):
     ``bh2`` (the paper recommends bh1 for unconditional sampling, bh2 for guided). ``predictor``: ``unip`` or
     ``dpm_solver`` (DPM-Solver++ multistep, then UniC). ``corrector``: apply UniC-p after every step but the last
     (``false``: the predictor alone). ``lower_order_final`` (as diffusers' ``UniPCMultistepScheduler``, for any
-    number of steps): step ``i`` of ``N`` has order at most ``N − i``. A step to ``σ = 0`` is first order regardless.
+    number of steps): step ``i`` of ``N`` has order at most ``N − i``. A step to ``σ = 0`` is first order regardless,
+    and a third-order step more than twice as long in λ as the one before is second order (as in DPM-Solver++).
     """
 
     name = "unipc"
@@ -149,6 +156,7 @@ class UniPCSampler(Sampler):
         for i in range(n):
             usable = i + 1 if not math.isinf(lam[0]) else max(i, 1)  # x̂0 at λ = −∞ enters no divided difference
             cap = n - i if self.lower_order_final else self.order
+            cap = min(cap, extrapolation_order_cap(lam, i))
             orders.append(1 if math.isinf(lam[i + 1]) else min(self.order, usable, cap))
         return orders
 
