@@ -324,14 +324,17 @@ def build_network(model_cfg: DictConfig, data_shape: Sequence[int], learned_vari
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``: no arbitrary pickle execution). ``mmap``: map the tensors
-    instead of reading them (for callers that only need the config and bookkeeping entries)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt_path=<path to a .ckpt file>)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    """Load a checkpoint safely (``weights_only=True``: no arbitrary pickle execution) and verify its checksum.
+
+    An empty, foreign or corrupted file raises one :class:`~diffusion_lab.callbacks.checkpoint.CheckpointError`
+    line naming the file and what is wrong. ``mmap``: map the tensors instead of reading them (for callers that
+    only need the config and bookkeeping entries; the checksum is then not checked, as it would read them all).
+    """
+    from diffusion_lab.callbacks.checkpoint import CheckpointError, read_checkpoint  # callbacks import this module
+
+    ckpt = read_checkpoint(path, map_location=map_location, mmap=mmap)
     if "diffusion_lab_config" not in ckpt:
-        raise ValueError(f"{path} is not a diffusion_lab checkpoint (no 'diffusion_lab_config' entry)")
+        raise CheckpointError(f"{path}: not a diffusion_lab checkpoint (no 'diffusion_lab_config' entry)")
     return ckpt
 
 

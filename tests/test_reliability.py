@@ -104,11 +104,18 @@ def test_stop_and_resume_in_process_is_bit_identical(tmp_path):
     assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],  # ~2 min each on a loaded 2-core box
+    ids=["SIGKILL", "SIGTERM"],
+)
+def test_sigkill_and_resume_is_bit_identical(tmp_path, signum):
     """A run SIGKILLed after its first checkpoint and resumed with the same command ends with exactly the
-    raw and EMA parameters (and optimizer state) of an uninterrupted run (computed in-process meanwhile)."""
+    raw and EMA parameters (and optimizer state) of an uninterrupted run (computed in-process meanwhile).
+    SIGTERM instead: the run writes last.ckpt of the step it reached (named in its log) and exits with 143."""
     run_dir = tmp_path / "run"
-    victim = subprocess.Popen(_train_cmd(run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    output = open(tmp_path / "victim.log", "w")  # noqa: SIM115 - a file, not a pipe: a full pipe blocks the run
+    victim = subprocess.Popen(_train_cmd(run_dir), env=_env(), stdout=output, stderr=subprocess.STDOUT)
     last = run_dir / "checkpoints" / "last.ckpt"
 
     def kill_after_first_checkpoint():
@@ -116,16 +123,21 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
         while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.05)  # somewhere after the first checkpoint, usually mid-epoch
-        victim.send_signal(signal.SIGKILL)
+        victim.send_signal(signum)
 
     killer = threading.Thread(target=kill_after_first_checkpoint)
     killer.start()
     train(compose_train(RESUME_ARGS), tmp_path / "ref")  # the uninterrupted reference
     killer.join()
     victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    output.close()
+    stderr = (tmp_path / "victim.log").read_text()
+    expected_status = -signal.SIGKILL if signum == signal.SIGKILL else 128 + signum
+    assert victim.returncode == expected_status, f"the run finished before it could be killed: {stderr[-2000:]}"
     killed_at = load_checkpoint(last)["global_step"]
     assert 3 <= killed_at < 40
+    if signum == signal.SIGTERM:  # the checkpoint is of the step the run had reached, not the last periodic one
+        assert f"received SIGTERM: wrote {last} (step {killed_at}); exiting with status 143" in stderr
     resumed = subprocess.run(_train_cmd(run_dir), env=_env(), capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (load_checkpoint(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "ref", run_dir))
@@ -163,6 +175,36 @@ def test_ddp_stop_and_resume_is_bit_identical_with_a_random_stream_per_rank(tmp_
     assert not different and any(k.startswith("ema.module.") for k in ref["state_dict"])
     rank0, rank1 = stopped[RNG_PER_RANK_KEY]
     assert not torch.equal(rank0["torch"], rank1["torch"])  # the ranks' noise streams differ
+
+
+@pytest.mark.slow  # three 2-process CPU DDP launches
+def test_ddp_sigterm_to_rank_zero_checkpoints_on_every_rank_and_resumes_exactly(tmp_path):
+    """SIGTERM to rank 0 only of a 2-process DDP run: both ranks agree on the step (all-reduce), write last.ckpt
+    of it together (no deadlock), exit 143, and resuming equals an uninterrupted run."""
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "dataset.batch_size=64",
+           "callbacks.checkpoint_every_n_steps=4", "trainer.max_steps=40", *QUIET[2:3]]  # fmt: skip
+    args = [a for a in RESUME_ARGS if not a.startswith(("trainer.max_steps", "dataset.batch_size", "callbacks."))]
+
+    def cmd(run_dir):
+        return [sys.executable, "-m", "diffusion_lab.train", *args, *ddp, f"hydra.run.dir={run_dir}"]
+
+    run_dir, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with open(tmp_path / "victim.log", "w") as output:
+        victim = subprocess.Popen(cmd(run_dir), env=_env(), stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        victim.send_signal(signal.SIGTERM)
+        assert victim.wait(timeout=300) == 143, (tmp_path / "victim.log").read_text()[-3000:]
+    stopped_at = load_checkpoint(last)["global_step"]
+    assert f"wrote {last} (step {stopped_at}); exiting with status 143" in (tmp_path / "victim.log").read_text()
+    for run in (run_dir, tmp_path / "ref"):
+        proc = subprocess.run(cmd(run), env=_env(), capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (load_checkpoint(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "ref", run_dir))
+    assert a["global_step"] == b["global_step"] == 40 and 4 <= stopped_at < 40
+    assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
 
 
 def test_fewer_examples_per_rank_than_a_batch_is_a_clear_error(tmp_path):
@@ -408,3 +450,51 @@ def test_compile_trains_and_keeps_state_dict_keys(tmp_path):
     assert metrics["train/steps"] == 3
     keys = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["state_dict"].keys()
     assert not [k for k in keys if "_orig_mod" in k]
+
+
+# ------------------------------------------------------------------------------------------ stop signals
+def _signal_at(monkeypatch, step: int, signum: int):
+    """Deliver ``signum`` to this process while training step ``step`` (1-based) computes its loss."""
+    original = DiffusionModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step + 1 == step:
+            os.kill(os.getpid(), signum)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DiffusionModule, "training_step", training_step)
+
+
+SIGNAL_ARGS = [a for a in RESUME_ARGS if not a.startswith(("trainer.max_steps", "callbacks."))]
+
+
+def test_sigterm_mid_interval_checkpoints_the_step_reached_and_resume_is_bit_identical(tmp_path, monkeypatch):
+    """SIGTERM during step 11 of a run checkpointing every 7: the step finishes, last.ckpt holds step 11 (not the
+    periodic step 7), the run exits with status 143, and resuming it to 20 equals an uninterrupted run (raw, EMA,
+    Adam moments)."""
+    args = [*SIGNAL_ARGS, "callbacks.checkpoint_every_n_steps=7"]
+    train(compose_train([*args, "trainer.max_steps=20"]), tmp_path / "ref")
+    _signal_at(monkeypatch, 11, signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        train(compose_train([*args, "trainer.max_steps=20"]), tmp_path / "run")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "received SIGTERM: wrote " in str(stopped.value) and "(step 11)" in str(stopped.value)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 11
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after fit
+    monkeypatch.undo()
+    train(compose_train([*args, "trainer.max_steps=20"]), tmp_path / "run")
+    a, b = (load_checkpoint(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "ref", tmp_path / "run"))
+    assert a["global_step"] == b["global_step"] == 20
+    assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
+    opt_a, opt_b = (c["optimizer_states"][0]["state"] for c in (a, b))
+    assert all(torch.equal(opt_a[i][m], opt_b[i][m]) for i in opt_a for m in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["SIGINT", "SIGUSR1"])
+def test_sigint_and_slurm_sigusr1_checkpoint_the_step_reached(tmp_path, monkeypatch, signum):
+    """Ctrl-C and SLURM's pre-timeout signal also finish the step, write last.ckpt of it and exit 128 + signum."""
+    _signal_at(monkeypatch, 5, signum)
+    with pytest.raises(SystemExit) as stopped:
+        train(compose_train([*SIGNAL_ARGS, "trainer.max_steps=20", "callbacks.checkpoint_every_n_steps=3"]), tmp_path)
+    assert stopped.value.code == 128 + signum
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5

@@ -2,7 +2,11 @@
 
 - :class:`AtomicCheckpointIO`: every checkpoint is written to a hidden temp file in the target
   directory, flushed, ``fsync``-ed and moved over the target with ``os.replace`` (atomic on POSIX), so a
-  crash mid-write leaves the previous ``last.ckpt`` intact and no partial ``*.ckpt`` file.
+  crash mid-write leaves the previous ``last.ckpt`` intact and no partial ``*.ckpt`` file. Every checkpoint
+  carries a SHA-256 of each of its entries (:func:`with_checksum`), verified when it is read
+  (:func:`read_checkpoint`): a flipped bit, an empty or a foreign file is one :class:`CheckpointError` line.
+- :class:`LastCheckpoint`: ``last.ckpt`` also at the end of training and, on SIGTERM/SIGINT/SIGUSR1, at the end
+  of the step the signal arrived in, before the run exits with status 128 + signal number.
 - :func:`checkpoint_callbacks`: ``last.ckpt`` every ``checkpoint_every_n_steps``, the ``keep_last_k``
   newest step checkpoints, and the best ``save_top_k`` by ``monitor``/``mode``.
 - :class:`ExactResume`: stores what Lightning leaves out — the global RNG states (torch CPU/CUDA, numpy,
@@ -15,9 +19,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import random
+import signal
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Sampler
 
 TMP_PREFIX = ".tmp-"  # temp files never end in .ckpt, so a crash leaves no file that looks like a checkpoint
@@ -35,6 +44,7 @@ RNG_PER_RANK_KEY = "diffusion_lab_rng_per_rank"
 RUN_KEY = "diffusion_lab_run"  # how the run is filed (name, group, tags), for sample/eval jobs on its checkpoints
 log = logging.getLogger(__name__)
 WANDB_KEY = "wandb_run_id"
+CHECKSUM_KEY = "diffusion_lab_checksum"  # {"algorithm": "sha256", "entries": {top-level key: hex digest}}
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -80,22 +90,243 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO whose writes are atomic (see :func:`atomic_torch_save`)."""
+    """Lightning checkpoint IO: atomic writes (:func:`atomic_torch_save`) of checkpoints carrying a checksum
+    (:func:`with_checksum`); reads are weights-only and verified (:func:`read_checkpoint`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        atomic_torch_save(checkpoint, path)
+        atomic_torch_save(with_checksum(checkpoint), path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = "cpu", weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is False:
+            raise ValueError("checkpoints are read weights-only (torch.load(weights_only=True))")
+        return read_checkpoint(path, map_location=map_location)
+
+
+# ---------------------------------------------------------------------------------------------- checksums
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: empty, not a PyTorch checkpoint, or corrupted (checksum)."""
+
+
+def _digest_into(h: Any, obj: Any) -> None:
+    """Feed ``obj`` (nested dicts/lists/tuples of tensors and plain values) into the hash ``h``.
+
+    A tensor contributes its dtype, shape and raw bytes; a dict its keys in sorted order; anything else its
+    type and ``repr`` (ints, floats, strings, None: what ``torch.load(weights_only=True)`` gives back)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _digest_into(h, obj[key])
+    elif isinstance(obj, list | tuple):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for item in obj:
+            _digest_into(h, item)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def checkpoint_digests(checkpoint: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 hex digest of every top-level entry of a checkpoint (``state_dict`` holds raw and EMA weights,
+    ``optimizer_states`` the Adam moments, …) except the checksum itself."""
+    digests = {}
+    for key in sorted(checkpoint, key=str):
+        if key != CHECKSUM_KEY:
+            h = hashlib.sha256()
+            _digest_into(h, checkpoint[key])
+            digests[str(key)] = h.hexdigest()
+    return digests
+
+
+def with_checksum(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``checkpoint`` carrying :func:`checkpoint_digests` under ``diffusion_lab_checksum``."""
+    return {**checkpoint, CHECKSUM_KEY: {"algorithm": "sha256", "entries": checkpoint_digests(checkpoint)}}
+
+
+def verify_checksum(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming the entries whose digest differs from the stored one; a checkpoint
+    written before checksums existed loads with a warning."""
+    stored = checkpoint.get(CHECKSUM_KEY)
+    if not isinstance(stored, dict) or not isinstance(stored.get("entries"), dict):
+        warnings.warn(f"{path}: no checksum (a checkpoint from an older version); loading it unverified", stacklevel=3)
+        return
+    expected, actual = stored["entries"], checkpoint_digests(checkpoint)
+    bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+    if bad:
+        raise CheckpointError(f"{path}: checksum mismatch in {', '.join(bad)} (file corrupted)")
+
+
+def _load_failure(err: Exception) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` failed."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
+    if "Weights only load failed" in lines[0]:  # pickled code (or a class) the weights-only unpickler refuses
+        detail = next((line for line in lines if "Unsupported" in line), "")
+        return f"refused by torch.load(weights_only=True): Weights only load failed ({detail[:200]})"
+    return f"not a PyTorch checkpoint ({type(err).__name__}: {lines[0][:200]})"
+
+
+def read_checkpoint(
+    path: str | Path, map_location: Any = "cpu", mmap: bool = False, verify: bool | None = None
+) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with every failure as one :class:`CheckpointError` line naming
+    the file (empty, not a PyTorch checkpoint, code refused by the weights-only unpickler, checksum mismatch).
+
+    ``verify`` (default: ``not mmap``) checks the checksum; a mapped read skips it, since hashing would read
+    every tensor that ``mmap`` leaves on disk (callers that only want the config and bookkeeping entries).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt_path=<path to a .ckpt file>)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # every failure of torch.load becomes one line naming the file
+        raise CheckpointError(f"{path}: {_load_failure(err)}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, not a dict)")
+    if verify if verify is not None else not mmap:
+        verify_checksum(ckpt, path)
+    return ckpt
+
+
+# SIGUSR1 is what scripts/slurm/train.sbatch asks SLURM to send 90 s before the time limit (--signal).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class TrainingInterrupted(SIGTERMException):
+    """Training stopped on a signal after writing ``last.ckpt`` of the step it arrived in.
+
+    A ``SystemExit`` whose status is ``128 + signal number`` (the shell's convention: 143 for SIGTERM, 130 for
+    SIGINT, 138 for SIGUSR1), so a scheduler or script sees an interrupted run, not a finished one."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(128 + signum)
+        self.signum, self.message = signum, message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two save steps, so the
-    final weights are always on disk (not the ones of the last multiple of ``every_n_train_steps``)."""
+    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two save steps, and when a
+    stop signal arrives.
+
+    On SIGTERM (SLURM preemption, ``kill``), SIGINT (Ctrl-C) or SIGUSR1 (SLURM's pre-timeout ``--signal``) the
+    current step runs to its end (optimizer step and EMA update), ``last.ckpt`` of that step is written through
+    the atomic IO, and :class:`TrainingInterrupted` ends the run with status 128 + signal number; under SLURM
+    with auto-requeue, the job is requeued on SIGUSR1. A second signal stops at once, without a checkpoint.
+    Under DDP the ranks agree on the step with one all-reduce (max) of the received signal per optimizer step,
+    so every rank enters the collective save together, whichever rank the signal reached.
+    """
+
+    def __init__(self, *args: Any, stop_signals: tuple[int, ...] = STOP_SIGNALS, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_signals = stop_signals
+        self._received: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._step_at_batch_start = -1
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if self.save_last and trainer.global_step != self._last_global_step_saved and not trainer.sanity_checking:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # The handlers from before Lightning registers its own (teardown puts these back).
+        self._previous_handlers = {signum: signal.getsignal(signum) for signum in self.stop_signals}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._received = None
+        # Replaces Lightning's SIGTERM/SIGUSR1 handlers (registered just before the fit stage), which stop without
+        # a checkpoint (SIGTERM) or save one from inside the handler, mid-step and per rank (SLURM's SIGUSR1).
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.stop_signals:
+                signal.signal(signum, self._on_signal)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            if handler is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Signal handler: remember the signal; the checkpoint is written where the step ends."""
+        if self._received is not None:  # a second signal: stop now
+            self._restore_handlers()
+            name = signal.Signals(signum).name
+            raise TrainingInterrupted(signum, f"a second {name} while finishing the step: stopped without a checkpoint")
+        self._received = signum
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == self._step_at_batch_start:
+            return  # a gradient-accumulation micro-batch: no optimizer step to save yet
+        signum = agreed_signal(trainer, self._received)
+        if signum:
+            self._save_and_stop(trainer, signum)
+
+    def _save_and_stop(self, trainer: L.Trainer, signum: int) -> None:
+        """Write ``last.ckpt`` of this step (unless the periodic save just did), requeue under SLURM, raise."""
+        if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        name, step = signal.Signals(signum).name, trainer.global_step
+        message = (
+            f"received {name}: wrote {self.last_model_path} (step {step}); exiting with status {128 + signum}. "
+            "Resume with the same command and resume=true (same run directory) or ckpt_path=<that file>"
+        )
+        if trainer.is_global_zero:
+            log.warning(message)
+            requeue_slurm_job(trainer, signum)
+        raise TrainingInterrupted(signum, message)
+
+
+def agreed_signal(trainer: L.Trainer, received: int | None) -> int:
+    """The stop signal any rank received (0: none). Under DDP one all-reduce (max), so all ranks agree."""
+    local = int(received or 0)
+    if trainer.world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    flag = torch.tensor([local], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def requeue_slurm_job(trainer: L.Trainer, signum: int) -> bool:
+    """``scontrol requeue <job>`` when the run is a SLURM job with Lightning's auto-requeue on and ``signum`` is
+    its requeue signal (SIGUSR1 by default), as Lightning's own handler does; returns whether it requeued."""
+    import subprocess
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = trainer._accelerator_connector.cluster_environment
+    if not (isinstance(env, SLURMEnvironment) and env.auto_requeue and signum == env.requeue_signal):
+        return False
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    result = subprocess.run(["scontrol", "requeue", job], check=False)
+    if result.returncode != 0:
+        log.warning("requeueing SLURM job %s failed (scontrol exit status %d)", job, result.returncode)
+    return result.returncode == 0
 
 
 def checkpoint_callbacks(
@@ -256,10 +487,13 @@ def stored_wandb_run_id(ckpt_path: str | Path | None) -> str | None:
 
 def resolve_resume(ckpt_path: str | None, resume: bool, run_dir: Path) -> str | None:
     """The checkpoint to resume from: ``ckpt_path`` if given, else ``<run_dir>/checkpoints/last.ckpt`` when
-    ``resume=true`` and it exists (a fresh start otherwise)."""
+    ``resume=true``. Without that file ``resume=true`` starts a fresh run and says so (a warning naming the path):
+    a requeued job passes ``resume=true`` from its first launch on, before any checkpoint exists."""
     if ckpt_path:
         return ckpt_path
     last = run_dir / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        log.warning("resume=true: no checkpoint at %s, so this is a fresh start (step 0) in %s", last, run_dir)
     return str(last) if resume and last.is_file() else None
 
 

@@ -7,8 +7,15 @@ is looked up only on failure).
 - ``skip``: the step's gradients are dropped (set to None), so the optimizer leaves every parameter and
   its moment estimates untouched; a warning names the step and the tensor (``loss`` or the first
   parameter whose gradient is non-finite). The step still counts (LR schedule, ``global_step``).
-- ``stop``: raises :class:`NonFiniteError` naming the step and the tensor; no checkpoint of the bad step
-  is written, so the last good ``last.ckpt`` stays intact.
+- ``stop``: raises :class:`NonFiniteError` naming the step, the tensor, the largest weight magnitude and the
+  checkpoint actually on disk (path and step, read from the file) or that there is none.
+
+No checkpoint holds a step past the last finite one. The check runs in ``on_before_optimizer_step``, before
+the optimizer step and before ``ModelCheckpoint.on_train_batch_end`` writes that step, so a failing step is
+never saved. A checkpoint of step k is written before step k+1 computes a loss from its weights, so under
+``stop`` every checkpoint write first checks that the weights (raw and EMA) are finite and that the step's
+own batch gives a finite loss under them (one no-grad forward per write with a fixed generator, in eval mode,
+leaving the global RNG untouched); weights that fail are refused and the previous checkpoint stays.
 
 Under ``16-mixed`` the grad scaler already skips overflowing steps; the check then sees unscaled
 gradients only after the scaler's own check and is a second line of defence.
@@ -17,6 +24,7 @@ gradients only after the scaler's own check and is a second line of defence.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -48,6 +56,29 @@ def grads_finite(module: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
+def max_abs(module: torch.nn.Module) -> float:
+    """The largest ``|w|`` over the parameters of ``module`` (inf/nan if one is non-finite)."""
+    norms = [p.detach().abs().max() for p in module.parameters() if p.numel()]
+    return float(torch.stack(norms).max()) if norms else 0.0
+
+
+def checkpoint_on_disk(trainer: L.Trainer) -> tuple[str, int | None]:
+    """What the run's ``last.ckpt`` on disk holds, read from the file: ``("<path> (step N)", N)``, or a sentence
+    saying that there is none (and None)."""
+    callback = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_last", False)), None)
+    dirpath = getattr(callback, "dirpath", None)
+    if dirpath is None:
+        return "none (this run writes no checkpoints)", None
+    path = Path(dirpath) / "last.ckpt"
+    if not path.is_file():
+        return f"none ({path} has not been written)", None
+    try:
+        step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception as err:  # a message must not fail on a bad file: say what is there instead
+        return f"{path} (unreadable: {type(err).__name__})", None
+    return f"{path} (step {step})", step
+
+
 class NonFiniteGuard(L.Callback):
     """Detects a non-finite loss or gradient; ``action`` is ``skip``, ``stop`` or ``off``."""
 
@@ -57,10 +88,16 @@ class NonFiniteGuard(L.Callback):
         self.action = action
         self.skipped_steps: list[int] = []
         self._loss_finite = True
+        self._batch: Any = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch  # the batch a checkpoint write probes the new weights with
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        if self.action != "off":
-            self._loss_finite = bool(torch.isfinite(loss.detach()).all())
+        if self.action != "off":  # every micro-batch of an accumulated step counts
+            self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()).all())
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -73,15 +110,56 @@ class NonFiniteGuard(L.Callback):
         tensor = "loss" if not loss_ok else f"grad of {first_nonfinite_grad(pl_module)}"
         step = trainer.global_step + 1  # the optimizer step this would have been (1-based)
         if self.action == "stop":
-            raise NonFiniteError(
-                f"non-finite {tensor} at step {step}; stopping (callbacks.nonfinite=stop). The last checkpoint "
-                "before this step is intact; resume with ckpt_path=<run>/checkpoints/last.ckpt, or set "
-                "callbacks.nonfinite=skip to skip such steps"
-            )
+            raise NonFiniteError(f"non-finite {tensor} at step {step}; {self._stop_note(trainer, pl_module, step)}")
         self.skipped_steps.append(step)
         log.warning("non-finite %s at step %d: skipping the optimizer step (callbacks.nonfinite=skip)", tensor, step)
         optimizer.zero_grad(set_to_none=True)
         pl_module.log("train/skipped_steps", float(len(self.skipped_steps)), on_step=True, on_epoch=False)
+
+    def _stop_note(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> str:
+        """The rest of the ``stop`` message: weight magnitude, the checkpoint on disk, what to do."""
+        on_disk, saved_step = checkpoint_on_disk(trainer)
+        repeats = " (the weights this step started from: resuming from it repeats this step)"
+        return (
+            f"max |w| = {max_abs(getattr(pl_module, 'denoiser', pl_module)):.3g}; stopping (callbacks.nonfinite=stop). "
+            f"Last checkpoint on disk: {on_disk}{repeats if saved_step == step - 1 else ''}. Resume from an earlier "
+            "step=N.ckpt (callbacks.keep_last_k) with a lower optim.lr, or set callbacks.nonfinite=skip"
+        )
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Under ``stop``, refuse to write weights that are non-finite or give a non-finite loss (see module doc)."""
+        if self.action != "stop" or trainer.sanity_checking:
+            return
+        problem = self._weights_problem(pl_module)
+        # Every rank probed its own batch: all refuse if any failed (the write is collective).
+        if not trainer.strategy.reduce_boolean_decision(problem is None, all=True) and problem is None:
+            problem = "the weights give a non-finite loss on another rank's batch"
+        if problem is not None:
+            step = trainer.global_step
+            raise NonFiniteError(
+                f"{problem} after step {step}; not writing a checkpoint of step {step}; "
+                f"{self._stop_note(trainer, pl_module, step + 1)}"
+            )
+
+    @torch.no_grad()
+    def _weights_problem(self, pl_module: L.LightningModule) -> str | None:
+        """Why the current weights must not be checkpointed (None if they are fine)."""
+        for name, p in pl_module.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                return f"non-finite weight {name}"
+        loss_fn, denoiser = getattr(pl_module, "loss_fn", None), getattr(pl_module, "denoiser", None)
+        if loss_fn is None or denoiser is None or self._batch is None:
+            return None
+        x0, y = self._batch[0], self._batch[1] if len(self._batch) > 1 else None
+        y = y if getattr(pl_module, "num_classes", None) is not None else None
+        was_training = denoiser.training
+        denoiser.eval()  # no dropout: the probe draws nothing from the global RNG
+        try:
+            gen = torch.Generator(device=x0.device).manual_seed(0)
+            loss = loss_fn(denoiser, x0, y, generator=gen).loss
+        finally:
+            denoiser.train(was_training)
+        return None if bool(torch.isfinite(loss).all()) else "the weights give a non-finite loss on the step's batch"
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_steps": list(self.skipped_steps)}
