@@ -192,6 +192,7 @@ class Grid(str, Enum):
     trailing = "trailing"  # diffusers' timestep_spacing="trailing", starts at t = 1 (discrete schedules)
     karras = "karras"  # Karras et al. 2022 eq. 5 in σ/α (options rho, sigma_min, sigma_max)
     log_snr = "log_snr"  # uniform in log-SNR (options sigma_min, sigma_max)
+    time_power = "time_power"  # eq. 5's ramp in t, ρ = 2: DPM-Solver's time_quadratic (options rho, sigma_min)
     tuned = "tuned"  # fitted to the checkpoint by dlab-tune-grid (dlab-sample / dlab-evaluate only)
 
 

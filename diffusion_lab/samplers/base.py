@@ -12,7 +12,9 @@ Grids (``N`` = steps, ``T`` = a discrete schedule's ``num_timesteps``, ``σ_e = 
   the integer steps of a discrete schedule; diffusers' 0-based timestep ``k`` is our step ``i = k + 1`` at
   ``t = (k + 1)/T``;
 - ``karras``: Karras et al. 2022 eq. 5 in ``σ_e`` (options ``rho``, ``sigma_min``, ``sigma_max``);
-- ``log_snr``: uniform in ``λ`` over the same ``σ_e`` range (options ``sigma_min``, ``sigma_max``).
+- ``log_snr``: uniform in ``λ`` over the same ``σ_e`` range (options ``sigma_min``, ``sigma_max``);
+- ``time_power``: eq. 5's ramp in ``t`` from 1 to the time of ``sigma_min`` (options ``rho``, default 2: DPM-Solver's
+  ``time_quadratic``; ``sigma_min``).
 
 Every grid ends at ``t = 0``. The σ-grids start at ``t = 1`` unless ``sigma_max`` is below the schedule's
 ``σ_e(1)`` (or that is infinite, zero terminal SNR), and ``leading`` starts below ``t = 1`` by construction;
@@ -101,7 +103,7 @@ def schedule_t_from_log_snr(schedule: NoiseSchedule, log_snr: Tensor) -> Tensor:
 class GridOptions:
     """Options of the σ-grids; ``None`` picks the default (see :func:`sigma_range`).
 
-    ``rho``: the exponent ρ of Karras et al. 2022 eq. 5 (``karras`` only; > 0, default 7).
+    ``rho``: the exponent ρ of Karras et al. 2022 eq. 5 (``karras``, default 7; ``time_power``, default 2; > 0).
     ``sigma_min``, ``sigma_max``: the range of ``σ_e = σ/α`` (``karras``, ``log_snr``; 0 < σ_min < σ_max).
     """
 
@@ -290,6 +292,27 @@ def log_snr_grid(steps: int, schedule: NoiseSchedule, options: GridOptions) -> T
     n = steps + 1 if rng.ends_at_min else steps
     log_snr = torch.linspace(-2.0 * math.log(rng.sigma_max), -2.0 * math.log(rng.sigma_min), n, dtype=F64)
     return _grid_from_log_snr(log_snr, schedule, rng)
+
+
+# Karras et al. 2022 eq. 5's ramp applied to t: ρ = 2 is DPM-Solver's "time_quadratic" steps (Lu et al. 2022a §3.3).
+@register_grid("time_power", options=("rho", "sigma_min"))
+def time_power_grid(steps: int, schedule: NoiseSchedule, options: GridOptions) -> Tensor:
+    """``t_i = (1 + i/(N−1)·(t_min^{1/ρ} − 1))^ρ`` for ``i < N``, then ``t = 0``; ``ρ`` defaults to 2.
+
+    ``t_min`` is the time of ``sigma_min`` (the σ-grids' default: ``t = 1/T`` on a discrete schedule); on VE, where
+    that is ``t = 0`` itself, the ``N + 1`` points run the ramp to 0. ``ρ = 1`` is uniform in t down to ``t_min``.
+    """
+    rng = sigma_range(schedule, GridOptions(sigma_min=options.sigma_min))
+    rho = options.rho if options.rho is not None else 2.0
+    t_min = (
+        0.0
+        if rng.ends_at_min
+        else float(schedule_t_from_log_snr(schedule, torch.tensor(-2.0 * math.log(rng.sigma_min))))
+    )
+    ramp = torch.linspace(0.0, 1.0, steps + 1 if rng.ends_at_min else steps, dtype=F64)
+    t = (1.0 + ramp * (t_min ** (1.0 / rho) - 1.0)) ** rho
+    t[0] = 1.0
+    return t if rng.ends_at_min else torch.cat([t, torch.zeros(1, dtype=F64)])
 
 
 def time_grid(

@@ -191,7 +191,7 @@ def test_prior_is_drawn_at_the_first_grid_point():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"grid": "karas"}, r"valid choices: \['karras', 'leading', 'log_snr', 'trailing', 'uniform'\]"),
+        ({"grid": "karas"}, r"valid choices: \['karras', 'leading', 'log_snr', 'time_power', 'trailing', 'uniform'\]"),
         ({"grid": "uniform", "rho": 7.0}, r"takes no option \['rho'\]; valid options: \[\]"),
         ({"grid": "log_snr", "rho": 7.0}, r"valid options: \['sigma_min', 'sigma_max'\]"),
         ({"grid": "karras", "rho": 0.0}, "rho must be a finite number > 0"),
@@ -225,3 +225,17 @@ def test_bad_grid_requests_raise_with_the_reason():
     with pytest.raises(ValueError, match="positive integer"):
         time_grid("karras", 0, LinearSchedule())
     assert set(GRID_OPTIONS) == set(TIME_GRIDS)
+
+
+@pytest.mark.parametrize("steps", [2, 5, 20])
+def test_time_power_grid_is_dpm_solvers_time_quadratic(steps):
+    """ρ = 2: ``t = linspace(1, √t_min, N)²`` (DPM-Solver's ``time_quadratic``), t_min = 1/T (to the precision of
+    ``t_from_log_snr``); ρ = 1: uniform in t."""
+    schedule = LinearSchedule(num_timesteps=1000)
+    quadratic = torch.linspace(1.0, math.sqrt(1e-3), steps, dtype=F64) ** 2
+    torch.testing.assert_close(time_grid("time_power", steps, schedule)[:-1], quadratic, rtol=1e-7, atol=0)
+    linear = torch.linspace(1.0, 1e-3, steps, dtype=F64)
+    torch.testing.assert_close(time_grid("time_power", steps, schedule, rho=1.0)[:-1], linear, rtol=1e-7, atol=0)
+    t_min = float(time_grid("time_power", steps, schedule, sigma_min=0.1)[-2])
+    alpha, sigma = schedule.alpha_sigma(torch.tensor(t_min, dtype=F64))
+    assert float(sigma / alpha) == pytest.approx(0.1, rel=1e-6)
