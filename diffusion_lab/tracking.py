@@ -21,6 +21,7 @@ Nothing here imports the diffusion code; it only needs the composed config.
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import json
 import math
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 # Config groups that are axes of an ablation: their Hydra choice becomes a W&B tag ``axis:option``.
@@ -59,6 +62,9 @@ _NOT_TAGS = (
 )
 _MAX_TAG_LEN = 64  # W&B refuses longer tags
 SUMMARY_FILE = "summary.json"
+# Seconds between flushes of the W&B run log (run-<id>.wandb). W&B's default of 15 s lost a killed run's whole
+# record (its log held just the 7-byte header); W&B's service still writes what it received after a SIGKILL.
+WANDB_FLUSH_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -162,17 +168,25 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_loggers(
-    cfg: DictConfig, run_dir: Path, info: RunInfo | None = None, wandb_id: str | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    info: RunInfo | None = None,
+    wandb_id: str | None = None,
+    resumed: Sequence[Mapping[str, Any]] = (),
 ) -> list[Logger]:
     """CSV metrics in the run dir, plus W&B (offline unless logged in) with the resolved config,
     the run's group, job type and ablation tags (see the module docstring). ``wandb_id``: continue that
-    W&B run (a resumed checkpoint's run, ``resume="allow"``)."""
+    W&B run (a resumed checkpoint's run, ``resume="allow"``). ``resumed``: the run's resume history
+    (:mod:`diffusion_lab.resume`); when given, the CSV is continued (:class:`AppendingCSVLogger`) and the history
+    is put in the W&B config under ``resumed``."""
     loggers: list[Logger] = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+        loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="", append=bool(resumed)))
     wb = cfg.logger.wandb
     mode = _wandb_mode_of(wb)
     if wb is not None and mode != "disabled":
+        import wandb
+
         info = info or run_info(cfg)
         logger = WandbLogger(
             project=wb.project,
@@ -185,10 +199,73 @@ def build_loggers(
             mode=mode,
             id=wandb_id,
             resume="allow" if wandb_id else None,
+            settings=wandb.Settings(x_transaction_log_flush_interval=WANDB_FLUSH_INTERVAL_S),
         )
-        logger.log_hyperparams({**resolved_config(cfg), "hydra_choices": info.choices, "overrides": info.overrides})
+        hyperparams = {**resolved_config(cfg), "hydra_choices": info.choices, "overrides": info.overrides}
+        logger.log_hyperparams({**hyperparams, "resumed": [dict(r) for r in resumed]})
         loggers.append(logger)
     return loggers
+
+
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` that writes every logged row to disk at once (a kill loses at most the row being
+    written) and, with ``append=True``, continues an existing ``metrics.csv`` instead of deleting it: see
+    :class:`_AppendingWriter`."""
+
+    def __init__(self, save_dir: str, name: str, version: str, append: bool = False) -> None:
+        super().__init__(save_dir=save_dir, name=name, version=version, flush_logs_every_n_steps=1)
+        self.append = append
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        """The run's :class:`_AppendingWriter`."""
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(self.log_dir, self.append)
+        assert isinstance(self._experiment, ExperimentWriter)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Continues ``metrics.csv``: its rows are kept (the header grows to the union of old and new columns) except
+    the rows at or after the first step this process logs, which a killed process logged after its last checkpoint
+    and the resumed run logs again, so every step appears once. Every rewrite is atomic (temp file + replace)."""
+
+    def __init__(self, log_dir: str, append: bool) -> None:
+        self._append = append  # read by _check_log_dir_exists, which the parent's __init__ calls
+        super().__init__(log_dir)
+        self._cut_pending = append and self._fs.isfile(self.metrics_file_path)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._append:
+            super()._check_log_dir_exists()  # a fresh run replaces the file
+
+    def save(self) -> None:
+        """Append the buffered rows (after dropping what the previous process logged from their first step on)."""
+        if self.metrics and self._cut_pending:
+            first = min(int(row["step"]) for row in self.metrics)
+            with open(self.metrics_file_path, newline="") as f:
+                reader = csv.DictReader(f)
+                kept = [row for row in reader if row.get("step") and int(float(row["step"])) < first]
+                header = list(reader.fieldnames or [])
+            self.metrics_keys = sorted(set(header) | set().union(*self.metrics))
+            self._write_rows(self.metrics_keys, kept)
+            self._cut_pending = False
+        super().save()
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self._write_rows(fieldnames, rows)
+
+    def _write_rows(self, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
+        tmp = Path(self.metrics_file_path).with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.metrics_file_path)
 
 
 def write_summary(run_dir: Path, metrics: dict[str, Any]) -> Path:
@@ -210,13 +287,20 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def write_run_summary(
-    run_dir: Path, cfg: DictConfig | Mapping[str, Any], metrics: Mapping[str, Any], info: RunInfo
+    run_dir: Path,
+    cfg: DictConfig | Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    info: RunInfo,
+    resumed: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """``summary.json``: what the run was (config, group choices, overrides, tags) and what it scored.
+    ``resumed``: a training run's resume history (``[{"step", "changed"}]``, see :mod:`diffusion_lab.resume`).
 
     The local mirror of the W&B run: ``scripts/make_table.py`` builds tables from it offline."""
     config = resolved_config(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     summary = {**asdict(info), "run_dir": str(run_dir), "config": config, "metrics": dict(metrics)}
+    if resumed is not None:
+        summary["resumed"] = [dict(r) for r in resumed]
     return _write_json(run_dir / SUMMARY_FILE, summary)
 
 
@@ -226,16 +310,17 @@ def finish_run(
     metrics: Mapping[str, Any],
     loggers: Sequence[Logger],
     info: RunInfo | None = None,
+    resumed: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Write ``summary.json``, copy the final metrics into each W&B run's summary (with the final sample
-    grid and the loss-vs-log-SNR plot as media) and close the W&B run, so the next job of a sweep in this
-    process gets its own run."""
+    """Write ``summary.json`` (with the resume history ``resumed``), copy the final metrics into each W&B run's
+    summary (with the final sample grid and the loss-vs-log-SNR plot as media) and close the W&B run, so the next
+    job of a sweep in this process gets its own run."""
     info = info or run_info(cfg)
     media = {"samples/final": run_dir / "samples_ema.png", "plots/loss_vs_logsnr": run_dir / "loss_vs_logsnr.png"}
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             _close_wandb_run(logger.experiment, metrics, media)
-    return write_run_summary(run_dir, cfg, metrics, info)
+    return write_run_summary(run_dir, cfg, metrics, info, resumed)
 
 
 def objective(metrics: Mapping[str, Any], pattern: str | None) -> float | None:
@@ -386,8 +471,9 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
     if len(logs) != 1:
         raise FileNotFoundError(f"expected one W&B run log (run-*.wandb) in {path}, found {len(logs)}")
     log = logs[0]
-    run: dict[str, Any] = {"id": "", "group": "", "job_type": "", "tags": [], "config": {}, "summary": {},
-                           "dir": str(log.parent), "finished": False}  # fmt: skip
+    # The id is also the log's name (run-<id>.wandb): a run killed before its first flush is still one run.
+    run: dict[str, Any] = {"id": log.stem.removeprefix("run-"), "group": "", "job_type": "", "tags": [],
+                           "config": {}, "summary": {}, "dir": str(log.parent), "finished": False}  # fmt: skip
     for raw in _log_records(log):
         record = pb.Record()  # type: ignore[attr-defined]
         record.ParseFromString(raw)

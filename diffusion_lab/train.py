@@ -39,28 +39,38 @@ from diffusion_lab.module import (
     DiffusionModule,
     apply_scale_switches,
     build_module,
-    check_resume_compatible,
-    load_checkpoint,
     set_num_classes,
 )
 from diffusion_lab.plots import run_loss_vs_logsnr
+from diffusion_lab.resume import ResumePlan, ResumeRecord, plan_resume
 from diffusion_lab.tracking import build_loggers, finish_run, run_info, write_summary
 
 
 def build_trainer(
-    cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], wandb_id: str | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    callbacks: list[L.Callback],
+    wandb_id: str | None = None,
+    resume: ResumePlan | None = None,
 ) -> L.Trainer:
     """A ``lightning.Trainer`` from ``cfg.trainer`` + ``cfg.precision`` with checkpoints in the run dir
-    (atomic writes, RNG states, the W&B run id ``wandb_id`` continued on resume)."""
+    (atomic writes, RNG states, the W&B run id ``wandb_id`` continued on resume; ``resume``: the resume's plan,
+    whose history the CSV and W&B record and every checkpoint stores)."""
+    resume = resume or ResumePlan()
     cb = cfg.callbacks
     checkpoints = checkpoint_callbacks(
         run_dir / "checkpoints", cb.checkpoint_every_n_steps, cb.keep_last_k, cb.monitor, str(cb.mode), cb.save_top_k
     )
     info = run_info(cfg)
-    loggers = build_loggers(cfg, run_dir, info, wandb_id=wandb_id) if not cfg.trainer.fast_dev_run else []
+    loggers = (
+        build_loggers(cfg, run_dir, info, wandb_id=wandb_id, resumed=resume.history)
+        if not cfg.trainer.fast_dev_run
+        else []
+    )
     filed = {"name": info.name, "group": info.group, "tags": list(info.tags)}
     guard = NonFiniteGuard(NonFiniteAction(cb.nonfinite).value)
     extra: list[L.Callback] = [*checkpoints, ExactResume(cfg.seed, filed), guard]
+    record = ResumeRecord(resume, OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
     if loggers:
         extra.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.enable_progress_bar:  # step k/max_steps, not Lightning's "Epoch 1/-2"
@@ -70,7 +80,7 @@ def build_trainer(
         **trainer_kwargs,
         precision=str(cfg.precision),  # type: ignore[arg-type]
         logger=loggers or False,
-        callbacks=[*callbacks, *extra],
+        callbacks=[record, *callbacks, *extra],  # record first: it fixes the first resumed batch's log step
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
         # The training order comes from EpochSeededSampler (rank-aware, resumable mid-epoch).
@@ -139,9 +149,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     grid = SampleGrid(run_dir, cfg.callbacks.sample_every_n_steps, cfg.callbacks.grid_samples, guidance_scale=w)
     ckpt_path = resolve_resume(cfg.ckpt_path, cfg.resume, run_dir)
-    if ckpt_path is not None:
-        check_resume_compatible(load_checkpoint(ckpt_path)["diffusion_lab_config"], cfg)
-    trainer = build_trainer(cfg, run_dir, [grid, evaluation], wandb_id=stored_wandb_run_id(ckpt_path))
+    plan = plan_resume(ckpt_path, cfg)  # refuses a changed key the checkpoint's state would override
+    trainer = build_trainer(cfg, run_dir, [grid, evaluation], wandb_id=stored_wandb_run_id(ckpt_path), resume=plan)
     make_train_loader_resumable(datamodule, trainer)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -169,13 +178,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }
     if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in bpd.items() if k != "protocol"}, step=steps)
+        final = {k: v for k, v in bpd.items() if k != "protocol"}
+        for logger in trainer.loggers if final else ():
+            # Lightning labels what is logged after the N-th update N - 1 (training and validation rows alike).
+            logger.log_metrics(final, step=max(steps - 1, 0))
         write_summary(run_dir, metrics)
         for logger in trainer.loggers:
             logger.save()  # the CSV is complete before it is plotted
         run_loss_vs_logsnr(run_dir)  # loss_vs_logsnr.png from csv/metrics.csv (W&B media too)
-        finish_run(run_dir, cfg, metrics, trainer.loggers)  # summary.json; closes the W&B run
+        finish_run(run_dir, cfg, metrics, trainer.loggers, resumed=plan.history)  # summary.json; closes W&B
     return metrics
 
 
