@@ -469,22 +469,22 @@ SIGNAL_ARGS = [a for a in RESUME_ARGS if not a.startswith(("trainer.max_steps", 
 
 
 def test_sigterm_mid_interval_checkpoints_the_step_reached_and_resume_is_bit_identical(tmp_path, monkeypatch):
-    """SIGTERM during step 11 of a run checkpointing every 7: the step finishes, last.ckpt holds step 11 (not the
-    periodic step 7), the run exits with status 143, and resuming it to 20 equals an uninterrupted run (raw, EMA,
-    Adam moments)."""
-    args = [*SIGNAL_ARGS, "callbacks.checkpoint_every_n_steps=7"]
-    train(compose_train([*args, "trainer.max_steps=20"]), tmp_path / "ref")
-    _signal_at(monkeypatch, 11, signal.SIGTERM)
+    """SIGTERM during step 9 of a run checkpointing every 5 (8 batches per epoch): the step finishes, last.ckpt
+    holds step 9 (not the periodic step 5), the run exits with status 143, and resuming it to 12 equals an
+    uninterrupted run (raw, EMA, Adam moments)."""
+    args = [*SIGNAL_ARGS, "callbacks.checkpoint_every_n_steps=5", "trainer.max_steps=12"]
+    train(compose_train(args), tmp_path / "ref")
+    _signal_at(monkeypatch, 9, signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:
-        train(compose_train([*args, "trainer.max_steps=20"]), tmp_path / "run")
+        train(compose_train(args), tmp_path / "run")
     assert stopped.value.code == 128 + signal.SIGTERM
-    assert "received SIGTERM: wrote " in str(stopped.value) and "(step 11)" in str(stopped.value)
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 11
+    assert "received SIGTERM: wrote " in str(stopped.value) and "(step 9)" in str(stopped.value)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 9
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after fit
     monkeypatch.undo()
-    train(compose_train([*args, "trainer.max_steps=20"]), tmp_path / "run")
+    train(compose_train(args), tmp_path / "run")
     a, b = (load_checkpoint(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "ref", tmp_path / "run"))
-    assert a["global_step"] == b["global_step"] == 20
+    assert a["global_step"] == b["global_step"] == 12
     assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
     opt_a, opt_b = (c["optimizer_states"][0]["state"] for c in (a, b))
     assert all(torch.equal(opt_a[i][m], opt_b[i][m]) for i in opt_a for m in ("exp_avg", "exp_avg_sq"))
@@ -498,3 +498,31 @@ def test_sigint_and_slurm_sigusr1_checkpoint_the_step_reached(tmp_path, monkeypa
         train(compose_train([*SIGNAL_ARGS, "trainer.max_steps=20", "callbacks.checkpoint_every_n_steps=3"]), tmp_path)
     assert stopped.value.code == 128 + signum
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
+
+
+def test_sigusr1_requeues_a_slurm_job_with_auto_requeue_and_nothing_else(tmp_path, monkeypatch):
+    """SLURM's pre-timeout SIGUSR1 runs ``scontrol requeue <job>`` (array jobs: ``<array job>_<task>``), as
+    Lightning's own handler does; SIGTERM (preemption: SLURM requeues itself) and non-SLURM runs do not."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+    from diffusion_lab.callbacks.checkpoint import requeue_slurm_job
+
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+
+    def trainer(env):
+        return SimpleNamespace(_accelerator_connector=SimpleNamespace(cluster_environment=env))
+
+    assert requeue_slurm_job(trainer(SLURMEnvironment()), signal.SIGUSR1)
+    assert not requeue_slurm_job(trainer(SLURMEnvironment()), signal.SIGTERM)
+    assert not requeue_slurm_job(trainer(SLURMEnvironment(auto_requeue=False)), signal.SIGUSR1)
+    assert not requeue_slurm_job(trainer(LightningEnvironment()), signal.SIGUSR1)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert requeue_slurm_job(trainer(SLURMEnvironment()), signal.SIGUSR1)
+    assert (tmp_path / "calls").read_text().splitlines() == ["requeue 4242", "requeue 77_3"]
