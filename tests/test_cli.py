@@ -103,3 +103,12 @@ def test_a_cli_run_writes_train_log_and_counts_steps_of_max_steps(tmp_path):
     bar = proc.stdout + proc.stderr
     assert f"step {steps}/{steps}" in bar
     assert "Epoch" not in bar
+
+
+@pytest.mark.parametrize("module", ["diffusion_lab", "diffusion_lab.train", "diffusion_lab.sample"])
+def test_python_dash_m_runs_the_same_entry_point(tmp_path, module):
+    typo = "sampler=dpm_solvr" if module.endswith("sample") else "schedule=cosin"
+    cmd = [sys.executable, "-m", module, typo, f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1
+    assert f"Could not find '{typo.replace('=', '/')}'" in proc.stderr
