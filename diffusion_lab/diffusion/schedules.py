@@ -375,6 +375,17 @@ class SigmoidSchedule(NoiseSchedule):
         log_den = F.logsigmoid(u) + _logsigmoid(-s) + torch.log(-torch.expm1(s - u))  # log(sigmoid(u) − v_start)
         return (log_num - log_den).clamp(min=self.log_snr_min)
 
+    def derivatives(self, t: Tensor) -> ScheduleDerivatives:
+        """The base's autodiff derivatives, one-sided from the left where the clip ``ᾱ ≥ clip_min`` holds ``λ`` flat.
+
+        The clip starts a few ``1e-9`` before ``t = 1``, below float32 resolution, so at ``t = 1`` the derivative of
+        the clipped ``λ`` is 0 and a parameterization dividing by ``α σ' − σ α'`` (flow) would divide by 0; the
+        derivatives are taken at ``min(t, 1 − 2⁻²⁴)`` instead, the last float32 time before the clip.
+        """
+        if self.log_snr_min == -math.inf:
+            return super().derivatives(t)
+        return super().derivatives(t.clamp(max=1.0 - 2.0**-24))
+
     def t_from_log_snr(self, log_snr: Tensor, iters: int = 60) -> Tensor:
         """Exact inverse: ``sigmoid(u) = ᾱ·v_start + (1 − ᾱ)·v_end`` with ``ᾱ = sigmoid(λ)``, in log space."""
         s, e = self.start / self.tau, self.end / self.tau

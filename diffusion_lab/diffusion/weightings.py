@@ -38,6 +38,7 @@ import math
 from abc import ABC, abstractmethod
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from diffusion_lab.diffusion.schedules import NoiseSchedule
@@ -45,6 +46,14 @@ from diffusion_lab.diffusion.schedules import NoiseSchedule
 # λ beyond this is clamped inside Gaussians in λ: the density there is exactly 0 in any float dtype, and
 # clamping keeps ±∞ from meeting ∓∞ (which would be nan) when it is multiplied by e^{−λ}.
 _LOG_SNR_GAUSSIAN_CLAMP = 1.0e4
+
+
+def _log_normal_mass(lo: Tensor, hi: Tensor) -> Tensor:
+    """``log(Φ(hi) − Φ(lo))`` of standardised ``lo ≤ hi``; ``−∞`` where ``lo = hi``. Evaluated in the lower tail."""
+    flip = (lo + hi) > 0  # Φ(hi) − Φ(lo) = Φ(−lo) − Φ(−hi): keeps relative precision in either tail
+    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+    log_b = torch.special.log_ndtr(b)
+    return log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))
 
 
 class Weighting(ABC):
@@ -62,18 +71,40 @@ class Weighting(ABC):
     def __call__(self, log_snr: Tensor) -> Tensor:
         """``w(λ)`` with the shape of ``log_snr``."""
 
+    def integral(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """``∫_lo^hi w(λ) dλ`` elementwise for ``lo ≤ hi`` (broadcast shape); ``hi = +∞`` and ``lo = −∞`` allowed.
+
+        Defined for density weightings only (a weight per unit λ); each implements it in closed form.
+        """
+        raise TypeError(f"integral() is defined for density weightings only, got weighting={self.name}")
+
     def factor(self, t: Tensor, log_snr: Tensor, schedule: NoiseSchedule) -> Tensor:
         """Per-example multiplier of the ε-MSE at a uniformly drawn ``t`` ``(B,)``, shape ``(B,)``.
 
-        ``w(λ)`` for an ordinary weighting; ``½·w(λ)·schedule.log_snr_rate(t)`` for a density weighting,
-        with ``log_snr_rate = −dλ/dt`` (a backward difference on a discrete schedule's grid). Where ``w = 0``
-        (e.g. λ = +∞ at t = 0) the factor is 0 even if the rate is infinite.
+        ``w(λ)`` for an ordinary weighting. A density weighting on a continuous schedule: ``½·w(λ)·(−dλ/dt)``
+        (where ``w = 0``, e.g. λ = +∞ at t = 0, the factor is 0 even if the rate is infinite). On a discrete
+        schedule (``T`` steps) step ``i`` stands for the cell ``[λ_i, λ_{i−1}]``: :meth:`discrete_factor`.
         """
         w = self(log_snr)
         if not self.density:
             return w
+        if schedule.num_timesteps is not None:
+            return self.discrete_factor(t, log_snr, schedule)
         scaled = 0.5 * w * schedule.log_snr_rate(t)
         return torch.where(w == 0, torch.zeros_like(scaled), scaled)
+
+    # Kingma & Gao 2023 eq. 7 (L = ½∫w(λ)E‖ε̂−ε‖²dλ) restricted to the cell of step i: the exact mass of ½w there.
+    def discrete_factor(self, t: Tensor, log_snr: Tensor, schedule: NoiseSchedule) -> Tensor:
+        """``T·½∫_{λ(t)}^{λ_{i−1}} w(λ) dλ`` with ``i = round(t·T)``, shape of ``t`` (a density weighting).
+
+        On the grid (``t = i/T``) this is the cell ``[λ_i, λ_{i−1}]``, so ``E_{i∼U{1..T}}[factor_i]`` is
+        ``½∫ w dλ`` over the whole schedule, as in continuous time. Unlike ``½·w·T(λ_{i−1} − λ_i)`` it is finite
+        at ``i = 1`` where ``λ_0 = +∞``: the cell's integral is the limit, finite wherever ``∫^∞ w`` is.
+        """
+        steps = schedule.num_timesteps
+        assert steps is not None
+        i = torch.round(t * steps).clamp(min=1)
+        return 0.5 * steps * self.integral(log_snr, schedule.log_snr((i - 1) / steps))
 
 
 # Ho et al. 2020 eq. 14, L_simple; the same loss is Hang et al. 2023's "SNR weighting" of the x0-MSE.
@@ -164,12 +195,13 @@ class ELBOWeighting(Weighting):
 
     Continuous schedule: ``factor = ½·(−dλ/dt)`` (VDM's ``L_∞``). Discrete schedule (``T`` steps, ``t = i/T``):
     the exact discrete VLB weight, with the reverse variance ``σ² = β̃`` (Ho et al. 2020 eq. 5 / Kingma et
-    al. 2021 eq. 13). For ``i ≥ 2`` ``L_{i−1} = KL(q(x_{i−1}|x_i, x0) ‖ p(x_{i−1}|x_i)) = ½(SNR_{i−1} −
-    SNR_i)‖x̂0 − x0‖² = ½·expm1(λ_{i−1} − λ_i)·‖ε̂ − ε‖²`` (sums over dimensions); for ``i = 1``, where
-    ``λ_0 = +∞``, ``L_0`` is the decoder ``−log N(x0; x̂0, β_1)`` (Ho et al. §3.3, here with a Gaussian
-    instead of the discretised decoder, up to its constant normaliser): ``½(1 + e^{−λ_1})‖ε̂ − ε‖²`` for a
-    VP schedule (``β_1 = σ_1²``, ``1/α_1² = 1 + e^{−λ_1}``). The factor is ``T`` times these, so that
-    ``E_{i∼U{1..T}}[factor_i · ε-MSE_i] = Σ_{i=1..T} L_{i−1} / D``: the whole VLB but the prior term, in nats/dim.
+    al. 2021 eq. 13). Where ``λ_{i−1}`` is finite, ``L_{i−1} = KL(q(x_{i−1}|x_i, x0) ‖ p(x_{i−1}|x_i)) =
+    ½(SNR_{i−1} − SNR_i)‖x̂0 − x0‖² = ½·expm1(λ_{i−1} − λ_i)·‖ε̂ − ε‖²`` (sums over dimensions). At ``i = 1``
+    of a DDPM, where ``λ_0 = +∞``, ``L_0`` is the Gaussian decoder ``−log N(x0; x̂0, β̃_2)`` up to its constant
+    normaliser: ``½·e^{−λ_1}/β̃_2·‖ε̂ − ε‖²``, with the same decoder variance as :func:`discrete_elbo` behind
+    ``val/bpd`` (improved-diffusion's clipped ``β̃``, ``β̃_2 = σ_1²(1 − e^{λ_2 − λ_1})``; ``β_1`` if ``T = 1``).
+    The factor is ``T`` times these, so ``E_{i∼U{1..T}}[factor_i · ε-MSE_i] = Σ_{i=1..T} L_{i−1} / D``: the
+    whole VLB but the prior term, in nats/dim.
     """
 
     name = "elbo"
@@ -178,17 +210,31 @@ class ELBOWeighting(Weighting):
     def __call__(self, log_snr: Tensor) -> Tensor:
         return torch.ones_like(log_snr)
 
-    def factor(self, t: Tensor, log_snr: Tensor, schedule: NoiseSchedule) -> Tensor:
+    def integral(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """``∫_lo^hi 1 dλ = hi − lo``."""
+        return hi - lo
+
+    def discrete_factor(self, t: Tensor, log_snr: Tensor, schedule: NoiseSchedule) -> Tensor:
         steps = schedule.num_timesteps
-        if steps is None:
-            return super().factor(t, log_snr, schedule)
-        i = torch.round(t * steps)
-        # For i = 1 the interior formula would need λ_0 = +∞; evaluate it at i − 1 := 1 (a harmless 0) and
-        # take the decoder term there instead, so no inf reaches either branch of the where (nor its gradient).
-        log_snr_prev = schedule.log_snr(torch.clamp(i - 1, min=1) / steps)
-        interior = 0.5 * steps * torch.expm1(log_snr_prev - log_snr)
-        decoder = 0.5 * steps * (1.0 + torch.exp(-log_snr))
-        return torch.where(i <= 1, decoder, interior)
+        assert steps is not None
+        i = torch.round(t * steps).clamp(min=1)
+        log_snr_prev = schedule.log_snr((i - 1) / steps)
+        decoder = torch.isposinf(log_snr_prev)
+        # Keep inf out of both branches of the where (and of its gradient): the interior one sees λ_1 there.
+        interior = 0.5 * steps * torch.expm1(torch.where(decoder, log_snr, log_snr_prev) - log_snr)
+        return torch.where(
+            decoder, 0.5 * steps * torch.exp(-log_snr - _decoder_log_variance(t, steps, schedule)), interior
+        )
+
+
+def _decoder_log_variance(t: Tensor, steps: int, schedule: NoiseSchedule) -> Tensor:
+    """``log β̃_2 = log σ_1² + log(1 − e^{λ_2 − λ_1})`` at ``t`` (shape of ``t``); ``log β_1 = log σ_1²`` if T = 1."""
+    # Nichol & Dhariwal 2021 code (posterior_log_variance_clipped), as likelihood.reverse_log_variance("small").
+    log_var = 2.0 * torch.log(schedule.alpha_sigma(t)[1])
+    if steps < 2:
+        return log_var
+    delta = schedule.log_snr(torch.clamp(t + 1.0 / steps, max=1.0)) - schedule.log_snr(t)
+    return log_var + torch.log(-torch.expm1(delta))
 
 
 # Kingma & Gao 2023, Table 1 (EDM row): EDM's training density p(λ) and loss weight as one weighting of λ.
@@ -220,6 +266,20 @@ class EDMWeighting(Weighting):
         log_weight = torch.logaddexp(-lam, torch.full_like(lam, log_sd2)) - log_sd2
         return torch.exp(log_normal + log_weight)
 
+    # ∫N(λ; m, s²)(e^{−λ} + σ_d²)/σ_d² dλ: N(λ; m, s²)·e^{−λ} = e^{−m + s²/2}·N(λ; m − s², s²), so both parts are Φ's.
+    def integral(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """``P(lo ≤ λ ≤ hi)`` under ``N(m, s²)`` + ``e^{−m+s²/2}/σ_d²`` × that under ``N(m − s², s²)``.
+
+        ``m = −2·P_mean``, ``s = 2·P_std``; computed in float64 and log space.
+        """
+        mean, std = -2.0 * self.p_mean, 2.0 * self.p_std
+        lo64, hi64 = (x.double().clamp(-_LOG_SNR_GAUSSIAN_CLAMP, _LOG_SNR_GAUSSIAN_CLAMP) for x in (lo, hi))
+        log_mass = _log_normal_mass((lo64 - mean) / std, (hi64 - mean) / std)
+        shifted = mean - std**2
+        log_shift = -mean + 0.5 * std**2 - 2.0 * math.log(self.sigma_data)
+        log_tilted = log_shift + _log_normal_mass((lo64 - shifted) / std, (hi64 - shifted) / std)
+        return torch.exp(torch.logaddexp(log_mass, log_tilted)).to(lo.dtype)
+
 
 # Kingma & Gao 2023, experiments ("sigmoid weighting"): monotonic w(λ) = sigmoid(−λ + b), with b = 2.
 class SigmoidWeighting(Weighting):
@@ -239,6 +299,12 @@ class SigmoidWeighting(Weighting):
 
     def __call__(self, log_snr: Tensor) -> Tensor:
         return torch.sigmoid(self.bias - log_snr)
+
+    # d/dλ softplus(b − λ) = −sigmoid(b − λ).
+    def integral(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """``softplus(b − lo) − softplus(b − hi)`` (float64 inside: a narrow cell is a difference of near equals)."""
+        lo64, hi64 = lo.double(), hi.double()
+        return (F.softplus(self.bias - lo64) - F.softplus(self.bias - hi64)).to(lo.dtype)
 
 
 WEIGHTINGS: dict[str, type[Weighting]] = {

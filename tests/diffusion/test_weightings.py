@@ -282,9 +282,12 @@ def test_elbo_factor_on_a_discrete_schedule_is_the_exact_vlb():
     mu_p, _ = _posterior(x0_hat, x_t, a_s, s_s, a_t, s_t)
     kl = _gaussian_kl(mu_q[1:], var[1:, 0], mu_p[1:], var[1:, 0])
     torch.testing.assert_close(factor[1:] / T * m[1:] * D, kl, rtol=1e-9, atol=0)
-    # i = 1: L_0 = −log N(x0; x̂0, β_1 I) up to its normaliser (Ho et al. 2020 §3.3, Gaussian decoder).
-    beta_1 = 1e-3  # the paper's β_1 = beta_start
-    decoder = 0.5 * (x0[0] - x0_hat[0]).square().sum() / beta_1
+    # i = 1: L_0 = −log N(x0; x̂0, β̃_2 I) up to its normaliser (Ho et al. 2020 §3.3, Gaussian decoder), with the
+    # clipped posterior variance β̃_2 = β_2(1 − ᾱ_1)/(1 − ᾱ_2) that discrete_elbo (val/bpd) uses.
+    betas = torch.linspace(1e-3, 0.2, T, dtype=torch.float64)
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    beta_tilde_2 = betas[1] * (1 - alpha_bar[0]) / (1 - alpha_bar[1])
+    decoder = 0.5 * (x0[0] - x0_hat[0]).square().sum() / beta_tilde_2
     torch.testing.assert_close(factor[0] / T * m[0] * D, decoder, rtol=1e-6, atol=0)  # log ᾱ is stored in float32
     # So the uniform-i average of factor·ε-MSE is the VLB (without the prior term) in nats/dim.
     total = (kl.sum() + decoder) / D
@@ -303,3 +306,83 @@ def test_discrete_elbo_factor_approaches_the_continuous_one():
     assert torch.isfinite(
         ELBOWeighting().factor(torch.tensor([1.0 / T]), disc.log_snr(torch.tensor([1.0 / T])), disc)
     ).all()
+
+
+# ---- density weightings on a discrete grid: each step is the mass of ½·w(λ) over its cell (issue 15, item 1) ----
+def _np_sigmoid(lam, bias=2.0):
+    return np.exp(-np.logaddexp(0.0, lam - bias))  # 1/(1 + e^{λ−b}) without overflow
+
+
+def _cell_quadrature(formula, lo: float, hi: float) -> float:
+    """∫_lo^hi formula(λ) dλ by scipy's adaptive quadrature (hi may be +∞), independent of the closed forms."""
+    from scipy import integrate
+
+    return integrate.quad(lambda x: float(formula(np.array(x))), lo, hi, epsabs=0, epsrel=1e-10, limit=200)[0]
+
+
+@pytest.mark.parametrize(
+    ("weighting", "formula"),
+    [
+        (EDMWeighting(), _np_edm),
+        (SigmoidWeighting(), _np_sigmoid),
+        (SigmoidWeighting(-1.0), lambda x: _np_sigmoid(x, -1)),
+    ],
+    ids=lambda x: getattr(x, "name", ""),
+)
+@pytest.mark.parametrize(
+    "sched", [LinearSchedule(), CosineSchedule(), VESchedule(num_timesteps=40)], ids=lambda s: type(s).__name__
+)
+def test_density_factor_on_a_discrete_schedule_is_the_mass_of_its_cell(weighting, formula, sched):
+    """factor_i = T·½∫_{λ_i}^{λ_{i−1}} w dλ, finite at i = 1 where λ_0 = +∞ (T·(λ_0 − λ_1) is not)."""
+    T = sched.num_timesteps
+    t = torch.arange(1, T + 1, dtype=torch.float64) / T
+    lam = sched.log_snr(t).double()
+    got = weighting.factor(t, sched.log_snr(t), sched)
+    assert torch.isfinite(got).all() and (got > 0).all()
+    lam_0 = float(sched.log_snr(torch.zeros(1)))
+    for i, hi in ((1, lam_0), (T // 2, float(lam[T // 2 - 2])), (T, float(lam[T - 2]))):
+        expected = 0.5 * T * _cell_quadrature(formula, float(lam[i - 1]), hi)
+        assert got[i - 1].item() == pytest.approx(expected, rel=1e-6), i
+    # The cells tile the schedule: Σ_i factor_i / T = ½∫_{λ_T}^{λ_0} w dλ.
+    total = 0.5 * _cell_quadrature(formula, float(lam[-1]), lam_0)
+    assert got.sum().item() / T == pytest.approx(total, rel=1e-6)
+
+
+def test_first_cell_weights_of_edm_and_sigmoid_on_ddpms_linear_schedule():
+    """The numbers quoted in issue 15 (edm ≈ 1.14, sigmoid ≈ 0.37), from quadrature, not from the closed forms."""
+    sched, T = LinearSchedule(), 1000
+    t = torch.tensor([1.0 / T])
+    lam_1 = float(sched.log_snr(t))
+    for weighting, formula, approx in ((EDMWeighting(), _np_edm, 1.14), (SigmoidWeighting(), _np_sigmoid, 0.37)):
+        expected = 0.5 * T * _cell_quadrature(formula, lam_1, math.inf)
+        assert expected == pytest.approx(approx, abs=0.005)
+        assert weighting.factor(t, sched.log_snr(t), sched).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_elbo_first_step_uses_the_decoder_of_val_bpd():
+    """The training elbo weighting's i = 1 term is the Gaussian decoder of discrete_elbo (variance β̃_2, not β_1),
+    up to the decoder's constant normaliser ½·log(2πβ̃_2) per dimension (issue 15, item 4)."""
+    from diffusion_lab.diffusion.likelihood import reverse_log_variance, vlb_term
+
+    sched, T, D = LinearSchedule(), 1000, 5
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.full((3,), 1.0 / T), torch.zeros(3)
+    alpha, sigma = (c[:, None] for c in sched.alpha_sigma(t))
+    x0, eps = torch.randn(3, D, generator=g), torch.randn(3, D, generator=g)
+    x0_hat = x0 + 0.01 * torch.randn(3, D, generator=g)
+    x_t = alpha * x0 + sigma * eps
+    eps_mse = ((x_t - alpha * x0_hat) / sigma - eps).square().mean(1)
+    log_var = reverse_log_variance(sched, t, s, "small", x_t)
+    decoder = vlb_term(x0, x_t, x0_hat, t, sched, log_var, decoder="gaussian")
+    normaliser = 0.5 * (math.log(2 * math.pi) + log_var[:, 0])
+    got = ELBOWeighting().factor(t, sched.log_snr(t), sched) / T * eps_mse
+    torch.testing.assert_close(got, decoder - normaliser, rtol=2e-3, atol=0)
+
+
+def test_elbo_first_step_is_a_kl_where_log_snr_at_zero_is_finite():
+    """A discrete VE schedule has λ_0 < ∞: its first VLB term is KL_1 = ½T·expm1(λ_0 − λ_1), as in discrete_elbo."""
+    sched, T = VESchedule(num_timesteps=10), 10
+    t = torch.tensor([1.0 / T], dtype=torch.float64)
+    lam_0, lam_1 = float(sched.log_snr(torch.zeros(1, dtype=torch.float64))), float(sched.log_snr(t))
+    got = ELBOWeighting().factor(t, sched.log_snr(t), sched).item()
+    assert got == pytest.approx(0.5 * T * math.expm1(lam_0 - lam_1), rel=1e-9)
