@@ -167,3 +167,19 @@ def test_nonfinite_stop_never_checkpoints_weights_that_diverged(tmp_path):
     assert torch.isfinite(loss)
     refused = re.search(r"not writing a checkpoint of step (\d+);", str(err.value))
     assert refused and load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == int(refused[1]) - 1
+
+
+def test_a_nonfinite_loss_in_any_accumulated_micro_batch_counts(tmp_path, monkeypatch, caplog):
+    """accumulate_grad_batches=2: a NaN loss in the first micro-batch of step 2 (added as a constant, so the
+    gradients stay finite) is not forgotten when the second micro-batch's loss is finite."""
+    original = DiffusionModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss + float("nan") if batch_idx == 2 else loss
+
+    monkeypatch.setattr(DiffusionModule, "training_step", training_step)
+    overrides = [*TINY, "trainer.max_steps=3", "trainer.accumulate_grad_batches=2", "callbacks.nonfinite=skip"]
+    with caplog.at_level("WARNING"):
+        train(compose_train(overrides), tmp_path)
+    assert "non-finite loss at step 2: skipping" in caplog.text
