@@ -178,10 +178,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
     }
     if trainer.is_global_zero:
-        final = {k: v for k, v in bpd.items() if k != "protocol"}
-        for logger in trainer.loggers if final else ():
-            # Lightning labels what is logged after the N-th update N - 1 (training and validation rows alike).
-            logger.log_metrics(final, step=max(steps - 1, 0))
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in bpd.items() if k != "protocol"}, step=steps)
         write_summary(run_dir, metrics)
         for logger in trainer.loggers:
             logger.save()  # the CSV is complete before it is plotted

@@ -112,7 +112,7 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
-def kill_after_logging(victim: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120.0) -> None:
+def kill_after_logging(victim: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300.0) -> None:
     """SIGKILL ``victim`` as soon as its CSV holds a ``train/loss`` row at ``step`` or later."""
     deadline = time.monotonic() + timeout
     while victim.poll() is None and time.monotonic() < deadline:
