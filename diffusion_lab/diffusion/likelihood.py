@@ -216,10 +216,10 @@ def vlb_term(
     return _vlb_elementwise(x0, x_t, x0_hat, t, s, schedule, log_variance, decoder).flatten(1).mean(1)
 
 
-def prior_kl(x0: Tensor, schedule: NoiseSchedule) -> Tensor:
-    """``KL(q(x_1 | x0) || N(0, σ_1² I))``, ``(B,)`` nats summed over dimensions; ``x0`` ``(B, ...)``."""
+def prior_kl(x0: Tensor, schedule: NoiseSchedule, t_max: float = 1.0) -> Tensor:
+    """``KL(q(x_{t_max} | x0) || N(0, σ_{t_max}² I))``, ``(B,)`` nats summed over dimensions; ``x0`` ``(B, ...)``."""
     # Kingma et al. 2021, eq. 11 (prior term); equal variances leave ½ (α_1 x0)²/σ_1² = ½ SNR_1 x0².
-    log_snr_1 = schedule.log_snr(x0.new_ones(x0.shape[0]))
+    log_snr_1 = schedule.log_snr(x0.new_full((x0.shape[0],), t_max))
     return 0.5 * _sum_dims(expand_like(torch.exp(log_snr_1), x0) * x0**2)
 
 
@@ -343,34 +343,42 @@ def discrete_elbo(
     return ELBOOutput(total=prior + diffusion + dec, prior=prior, diffusion=diffusion, decoder=dec)
 
 
-def _neg_log_snr_rate(schedule: NoiseSchedule, t: Tensor) -> Tensor:
-    """``−dλ/dt`` at ``t`` ``(B,)``: the schedule's ``log_snr_rate`` if it has one, else forward-mode autodiff."""
-    # λ is strictly decreasing, so −dλ/dt = |dλ/dt| whichever sign convention log_snr_rate reports.
-    rate = getattr(schedule, "log_snr_rate", None)
-    if callable(rate):
-        return rate(t).abs()
-    return torch.func.jvp(schedule.log_snr, (t,), (torch.ones_like(t),))[1].abs()
+# 1 − t_max where λ(1) = −∞ and t_min where λ(0) = +∞: the bound is taken over [t_min, t_max], where λ is finite.
+_T_EPS = 1e-5
 
 
-def _antithetic_times(n: int, t_min: float, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``n`` low-discrepancy times on ``[t_min, 1)``: one uniform offset plus the stratified grid ``k/n``."""
-    # Kingma et al. 2021, App. F (VDM's antithetic_time_sampling).
-    u0 = torch.rand(1, generator=generator, device=like.device, dtype=like.dtype)
-    u = torch.remainder(u0 + torch.arange(n, device=like.device, dtype=like.dtype) / n, 1.0)
-    return t_min + (1.0 - t_min) * u
+def elbo_time_range(
+    schedule: NoiseSchedule, t_min: float | None = None, t_max: float | None = None
+) -> tuple[float, float]:
+    """``(t_min, t_max)`` of the continuous ELBO: 0 and 1 where ``λ`` is finite there, else 1e-5 and 1 − 1e-5."""
+    lam_1, lam_0 = schedule.log_snr_bounds()
+    t_min = (0.0 if math.isfinite(lam_0) else _T_EPS) if t_min is None else t_min
+    t_max = (1.0 if math.isfinite(lam_1) else 1.0 - _T_EPS) if t_max is None else t_max
+    if not 0.0 <= t_min < t_max <= 1.0:
+        raise ValueError(f"continuous_elbo needs 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
+    return t_min, t_max
 
 
-def _diffusion_integrand(
-    denoiser: Denoiser, x0: Tensor, y: Tensor | None, t: Tensor, generator: torch.Generator | None
+def _stratified_log_snr(
+    lam_lo: float, lam_hi: float, batch: int, k: int, like: Tensor, gen: torch.Generator | None
 ) -> Tensor:
-    """``½ (−dλ/dt) ‖ε − ε̂‖²`` at ``t`` ``(B,)`` and a fresh ``x_t ∼ q``, ``(B,)`` nats summed over dimensions."""
-    # Kingma et al. 2021, eq. 17: L_∞ = ½ E_{t∼U(0,1)}[−λ'(t) ‖ε − ε̂(x_t; t)‖²].
+    """``(k, batch)`` log-SNRs, uniform on ``[lam_lo, lam_hi]``: per example its own offset ``u``, points ``(u + j)/k``.
+
+    Examples are independent of each other (unlike one offset for the whole batch, VDM App. F), so the spread of
+    per-example estimates measures the error of their mean; the ``k`` draws of one example are stratified.
+    """
+    u = torch.rand(batch, generator=gen, device=like.device, dtype=like.dtype)
+    j = torch.arange(k, device=like.device, dtype=like.dtype)[:, None]
+    return lam_hi - (lam_hi - lam_lo) * (u + j) / k
+
+
+def _eps_error(denoiser: Denoiser, x0: Tensor, y: Tensor | None, t: Tensor, gen: torch.Generator | None) -> Tensor:
+    """``‖ε − ε̂(x_t, t)‖²`` at a fresh ``x_t ∼ q(x_t | x0)``, ``(B,)`` summed over dimensions; ``t`` ``(B,)``."""
     alpha, sigma = (expand_like(c, x0) for c in denoiser.schedule.alpha_sigma(t))
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     x_t = alpha * x0 + sigma * eps
     x0_hat = denoiser(x_t, t, y).to(x0.dtype)
-    eps_hat = (x_t - alpha * x0_hat) / sigma
-    return 0.5 * _neg_log_snr_rate(denoiser.schedule, t) * _sum_dims((eps - eps_hat) ** 2)
+    return _sum_dims((eps - (x_t - alpha * x0_hat) / sigma) ** 2)
 
 
 @torch.no_grad()
@@ -380,26 +388,32 @@ def continuous_elbo(
     y: Tensor | None = None,
     *,
     t_min: float | None = None,
+    t_max: float | None = None,
     decoder: str = "discretized",
     num_t_samples: int = 1,
     generator: torch.Generator | None = None,
 ) -> ELBOOutput:
     """Negative continuous-time ELBO of ``x0`` ``(B, ...)``; fields ``(B,)`` nats summed over dimensions.
 
-    Prior KL at ``t = 1`` + reconstruction at ``t_min`` + ``L_∞ = ½ (1 − t_min) E_{t∼U(t_min,1)}[−λ'(t)‖ε − ε̂‖²]``,
-    estimated with ``num_t_samples`` antithetic times per example (stratified over the batch). ``t_min``
-    defaults to 0 if ``λ_0`` is finite, else ``1e-5``.
+    Prior KL at ``t_max`` + reconstruction at ``t_min`` + ``L = ½∫_{λ(t_max)}^{λ(t_min)} E‖ε − ε̂‖² dλ``, the
+    diffusion term written in λ. It is estimated by drawing ``λ`` uniformly on that interval, ``num_t_samples``
+    stratified draws per example and independent across examples: ``½(λ(t_min) − λ(t_max))·mean_k ‖ε − ε̂‖²``.
+    In ``t`` the integrand ``½(−λ')‖ε − ε̂‖²`` grows like ``1/t`` where ``λ(0) = +∞`` and the uniform-t estimator
+    has an enormous variance; in λ it is bounded. Defaults (:func:`elbo_time_range`): ``t_min = 0`` if ``λ(0)``
+    is finite, else ``1e-5``; ``t_max = 1`` if ``λ(1)`` is finite, else ``1 − 1e-5`` (zero terminal SNR).
     """
-    # Kingma et al. 2021, eq. 17-19.
+    # Kingma et al. 2021, eq. 17-19, in λ by their §5.1 change of variables (L_∞ depends on λ_min, λ_max only).
     _check_decoder(decoder)
+    if num_t_samples < 1:
+        raise ValueError(f"continuous_elbo needs num_t_samples >= 1, got {num_t_samples}")
     schedule, batch = denoiser.schedule, x0.shape[0]
-    if t_min is None:
-        t_min = 0.0 if _finite_at_zero(schedule, x0) else 1e-5
-    if not 0.0 <= t_min < 1.0 or num_t_samples < 1:
-        raise ValueError(f"continuous_elbo needs 0 <= t_min < 1 and num_t_samples >= 1, got {t_min}, {num_t_samples}")
-    times = _antithetic_times(batch * num_t_samples, t_min, x0, generator).view(num_t_samples, batch)
-    integrand = torch.stack([_diffusion_integrand(denoiser, x0, y, t, generator) for t in times]).mean(0)
-    diffusion = (1.0 - t_min) * integrand
+    t_min, t_max = elbo_time_range(schedule, t_min, t_max)
+    ends = schedule.log_snr(torch.tensor([t_max, t_min], dtype=torch.float64, device=x0.device))
+    lam_lo, lam_hi = float(ends[0]), float(ends[1])
+    lams = _stratified_log_snr(lam_lo, lam_hi, batch, num_t_samples, x0, generator)
+    times = schedule.t_from_log_snr(lams).clamp(t_min, t_max)
+    errors = torch.stack([_eps_error(denoiser, x0, y, t, generator) for t in times])
+    diffusion = 0.5 * (lam_hi - lam_lo) * errors.mean(0)
     recon = reconstruction_nll(x0, schedule, x0.new_full((batch,), t_min), decoder, generator)
-    prior = prior_kl(x0, schedule)
+    prior = prior_kl(x0, schedule, t_max)
     return ELBOOutput(total=prior + diffusion + recon, prior=prior, diffusion=diffusion, decoder=recon)

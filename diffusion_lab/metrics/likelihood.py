@@ -1,11 +1,13 @@
 """Bits per dimension of a trained denoiser on held-out data.
 
-A discrete-time model is scored with its own variational bound (Ho et al. 2020 eq. 5, discretised
-Gaussian decoder for 8-bit images); a continuous-time one with the continuous ELBO (Kingma et al.
-2021 eq. 17–19). Both are upper bounds on the negative log-likelihood. ``method="ode"`` instead computes
-the likelihood of the probability-flow ODE model (Song et al. 2021 App. D.2), with uniform dequantisation
-for 8-bit images (:mod:`diffusion_lab.diffusion.ode_likelihood`); it is never chosen by ``auto``. Results
-are in bits per data dimension with their standard error; every number carries its method in the protocol.
+A discrete-time model is scored with its own variational bound (``bound: discrete_vlb``, Ho et al. 2020 eq. 5,
+discretised Gaussian decoder of variance β̃_2 for 8-bit images); a continuous-time one with the continuous ELBO
+(``bound: continuous_elbo``, Kingma et al. 2021 eq. 17–19, λ drawn uniformly per example). Both are upper
+bounds on the negative log-likelihood, but not the same number: the protocol names the bound.
+``method="ode"`` instead computes the likelihood of the probability-flow ODE model (``bound: ode_nll``, Song et
+al. 2021 App. D.2), with uniform dequantisation for 8-bit images (:mod:`diffusion_lab.diffusion.ode_likelihood`);
+it is never chosen by ``auto``. Results are in bits per data dimension with their standard error; every number
+carries its method and bound in the protocol.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lab.diffusion.denoiser import Denoiser
-from diffusion_lab.diffusion.likelihood import continuous_elbo, discrete_elbo
+from diffusion_lab.diffusion.likelihood import continuous_elbo, discrete_elbo, elbo_time_range
 from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions, ode_nll
 
 METHODS = ("auto", "discrete", "continuous", "ode")
@@ -65,7 +67,10 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def _sem(values: Tensor) -> float:
-    """Standard error of the mean of ``values (N,)`` (nan for a single value)."""
+    """Standard error of the mean of ``values (N,)`` (nan for a single value).
+
+    A real standard error because every estimator here draws its times independently per example.
+    """
     return values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else float("nan")
 
 
@@ -88,7 +93,13 @@ def _ode_bits_per_dim(
         nfes.append(out.nfe)
         protocol = out.protocol
     bpd = torch.cat(values)
-    details = {**protocol, "batch_size": batch_size, "nfe_mean": sum(nfes) / len(nfes), "nfe_max": max(nfes)}
+    details = {
+        **protocol,
+        "bound": "ode_nll",
+        "batch_size": batch_size,
+        "nfe_mean": sum(nfes) / len(nfes),
+        "nfe_max": max(nfes),
+    }
     decoder = "uniform_dequantization" if dequantize else "density"
     return BitsPerDim(bpd.mean().item(), _sem(bpd), bpd.numel(), "ode", decoder, None, details)
 
@@ -138,7 +149,7 @@ def _elbo_bits_per_dim(
     gen: torch.Generator,
     device: torch.device,
 ) -> BitsPerDim:
-    """Bits/dim by the discrete VLB or the continuous ELBO."""
+    """Bits/dim by the discrete VLB or the continuous ELBO; the bound and its decoder variance in the protocol."""
     decoder = decoder or ("discretized" if data.dim() == 4 else "gaussian")
     dims = data[0].numel()
     values = []
@@ -150,4 +161,36 @@ def _elbo_bits_per_dim(
             out = continuous_elbo(denoiser, x0, decoder=decoder, num_t_samples=num_t_samples or 1, generator=gen)
         values.append(out.bits_per_dim(dims).double().cpu())
     bpd = torch.cat(values)
-    return BitsPerDim(bpd.mean().item(), _sem(bpd), bpd.numel(), method, decoder, num_t_samples)
+    details = bound_protocol(denoiser, method)
+    return BitsPerDim(bpd.mean().item(), _sem(bpd), bpd.numel(), method, decoder, num_t_samples, details)
+
+
+def bound_protocol(denoiser: Denoiser, method: str) -> dict[str, object]:
+    """Which bound an ELBO ``method`` computes, with its decoder (and reverse) variance and its estimator.
+
+    ``discrete``: Ho et al. 2020 eq. 5 (``discrete_vlb``), the reverse variance ``β̃_i`` (or learned) and, where
+    ``λ_0 = +∞``, a decoder of variance ``β̃_2`` at ``i = 1`` (the same decoder as the training ``elbo`` weighting);
+    where ``λ_0`` is finite, VDM's reconstruction at ``t = 0`` (variance ``σ_0²/α_0²``). ``continuous``: Kingma
+    et al. 2021 eq. 17 over ``[t_min, t_max]`` (``continuous_elbo``), VDM's reconstruction at ``t_min``, with ``λ``
+    drawn uniformly per example. Every bound's s.e. is over independent per-example estimates.
+    """
+    schedule = denoiser.schedule
+    if method == "continuous":
+        t_min, t_max = elbo_time_range(schedule)
+        return {
+            "bound": "continuous_elbo",
+            "decoder_variance": "sigma^2/alpha^2 at t_min",
+            "estimator": "log_snr_uniform_per_example",
+            "t_min": t_min,
+            "t_max": t_max,
+        }
+    learned = denoiser.learned_variance
+    finite_at_zero = math.isfinite(schedule.log_snr_bounds()[1])
+    first = "sigma^2/alpha^2 at t=0" if finite_at_zero else ("learned" if learned else "beta_tilde_2")
+    return {
+        "bound": "discrete_vlb",
+        "decoder_variance": first,
+        "reverse_variance": "learned" if learned else "beta_tilde",
+        "estimator": "uniform_step_per_example",
+        "num_steps": schedule.num_timesteps,
+    }
