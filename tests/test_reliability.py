@@ -526,3 +526,5 @@ def test_sigusr1_requeues_a_slurm_job_with_auto_requeue_and_nothing_else(tmp_pat
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert requeue_slurm_job(trainer(SLURMEnvironment()), signal.SIGUSR1)
     assert (tmp_path / "calls").read_text().splitlines() == ["requeue 4242", "requeue 77_3"]
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no scontrol: a warning, not a crash after the save
+    assert not requeue_slurm_job(trainer(SLURMEnvironment()), signal.SIGUSR1)

@@ -323,10 +323,14 @@ def requeue_slurm_job(trainer: L.Trainer, signum: int) -> bool:
         return False
     array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
     job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
-    result = subprocess.run(["scontrol", "requeue", job], check=False)
-    if result.returncode != 0:
-        log.warning("requeueing SLURM job %s failed (scontrol exit status %d)", job, result.returncode)
-    return result.returncode == 0
+    try:
+        status = subprocess.run(["scontrol", "requeue", job], check=False).returncode
+    except OSError as err:  # no scontrol on this node: the checkpoint is written, the job just is not requeued
+        log.warning("requeueing SLURM job %s failed: %s", job, err)
+        return False
+    if status != 0:
+        log.warning("requeueing SLURM job %s failed (scontrol exit status %d)", job, status)
+    return status == 0
 
 
 def checkpoint_callbacks(
