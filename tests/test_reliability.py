@@ -133,7 +133,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, signum):
     output.close()
     stderr = (tmp_path / "victim.log").read_text()
     expected_status = -signal.SIGKILL if signum == signal.SIGKILL else 128 + signum
-    assert victim.returncode == expected_status, f"the run finished before it could be killed: {stderr[-2000:]}"
+    assert victim.returncode == expected_status, f"exit status {victim.returncode} (finished first?): {stderr[-2000:]}"
     killed_at = load_checkpoint(last)["global_step"]
     assert 3 <= killed_at < 40
     if signum == signal.SIGTERM:  # the checkpoint is of the step the run had reached, not the last periodic one
