@@ -1,6 +1,6 @@
 """Sampler error vs NFE on a 2-D Gaussian mixture with its exact denoiser: ours and diffusers' schedulers.
 
-    .venv/bin/python benchmarks/sampler_quality.py            # ~2 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/sampler_quality.py            # ~20 minutes on 2 CPU cores shared with other jobs
     .venv/bin/python benchmarks/sampler_quality.py --num-samples 2048 --nfe 5 10 20
 
 Every sampler starts from the same noise ``x_T`` on the same model: DDPM's linear β schedule (T = 1000)
@@ -19,6 +19,7 @@ NFE is the number of denoiser calls per trajectory. diffusers' schedulers use ``
 "trailing"`` (start at the last training step, like ours) and their defaults otherwise; Heun's NFE is
 ``2·steps − 1``, so it runs the largest step count within the budget. Results: JSON (``--out``) and a
 plot (``--plot``); the goal is that our best sampler at each NFE at least matches the best peer.
+``vs_diffusers_unipc`` in the JSON: per NFE, our best path error over diffusers' best UniPC (any of its grids).
 """
 
 from __future__ import annotations
@@ -113,6 +114,16 @@ def diffusers_samplers() -> dict[str, tuple[Callable[..., Any], Callable[[int], 
             lambda nfe: nfe,
         ),
         "diffusers/unipc karras": (lambda: UniPCMultistepScheduler(**common, use_karras_sigmas=True), lambda nfe: nfe),
+        # UniPC on log-uniform σ (= our log_snr grid), orders 2 (default) and 3; bh1 is NaN on the step to σ = 0 in
+        # diffusers 0.42 (B(h) = −∞ times a zero residual, tests/samplers/test_unipc.py), so only bh2 runs.
+        "diffusers/unipc exponential": (
+            lambda: UniPCMultistepScheduler(**common, use_exponential_sigmas=True),
+            lambda nfe: nfe,
+        ),
+        "diffusers/unipc-3 exponential": (
+            lambda: UniPCMultistepScheduler(**common, use_exponential_sigmas=True, solver_order=3),
+            lambda nfe: nfe,
+        ),
         "diffusers/euler karras": (lambda: EulerDiscreteScheduler(**common, use_karras_sigmas=True), lambda nfe: nfe),
         "diffusers/heun karras": (
             lambda: HeunDiscreteScheduler(**common, use_karras_sigmas=True),
@@ -166,6 +177,26 @@ OURS: dict[str, tuple[str, dict[str, Any], Callable[[int], int], bool]] = {
         True,
     ),
     "ours/euler_maruyama": ("euler_maruyama", {"grid": "trailing"}, lambda nfe: nfe, False),
+    # UniPC (bh2, order 2 = diffusers' default) on the grids, UniP-3 with bh1, and UniC after our exact 3M.
+    "ours/unipc": ("unipc", {"grid": "trailing"}, lambda nfe: nfe, True),
+    "ours/unipc log_snr": ("unipc", {"grid": "log_snr"}, lambda nfe: nfe, True),
+    "ours/unipc karras": ("unipc", {"grid": "karras"}, lambda nfe: nfe, True),
+    "ours/unipc time_power": ("unipc", {"grid": "time_power"}, lambda nfe: nfe, True),
+    "ours/unipc time_power rho=3": ("unipc", {"grid": "time_power", "rho": 3.0}, lambda nfe: nfe, True),
+    "ours/unipc-3 bh1 log_snr": ("unipc", {"grid": "log_snr", "order": 3, "variant": "bh1"}, lambda nfe: nfe, True),
+    "ours/unipc-3 bh1 time_power": (
+        "unipc",
+        {"grid": "time_power", "order": 3, "variant": "bh1"},
+        lambda nfe: nfe,
+        True,
+    ),
+    "ours/dpm_solver++3m+unic log_snr": (
+        "unipc",
+        {"grid": "log_snr", "order": 3, "predictor": "dpm_solver"},
+        lambda nfe: nfe,
+        True,
+    ),
+    "ours/dpm_solver++2m time_power rho=3": ("dpm_solver", {"grid": "time_power", "rho": 3.0}, lambda nfe: nfe, True),
 }
 
 
@@ -243,11 +274,17 @@ def main(argv: list[str] | None = None) -> int:
         "host": {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "rows": rows,
         "best_per_nfe": _best(rows),
+        "vs_diffusers_unipc": _unipc_ratios(rows),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
         _plot(rows, floor, args.plot)
+    for budget, r in result["vs_diffusers_unipc"].items():
+        print(
+            f"NFE {budget}: ours best {r['ours_best']['sampler']} / diffusers' best UniPC "
+            f"{r['diffusers_unipc_best']['sampler']} = {r['ratio_to_diffusers_unipc']:.2f}"
+        )
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return 0
 
@@ -284,6 +321,25 @@ def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     entry[f"{library}_{key}"] = {"sampler": top["sampler"], "value": top[key]}
         best[str(budget)] = entry
     return best
+
+
+def _unipc_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per NFE budget: our best path error (any deterministic sampler and grid) over diffusers' best UniPC
+    (any of its grids), and over diffusers' best overall; the lower the better, < 1 means we lead."""
+    out: dict[str, Any] = {}
+    for budget in sorted({r["nfe_budget"] for r in rows}):
+        scored = [r for r in rows if r["nfe_budget"] == budget and r["path_error"] is not None]
+        ours = min((r for r in scored if r["library"] == "ours"), key=lambda r: r["path_error"])
+        unipc = min((r for r in scored if r["sampler"].startswith("diffusers/unipc")), key=lambda r: r["path_error"])
+        peer = min((r for r in scored if r["library"] == "diffusers"), key=lambda r: r["path_error"])
+        out[str(budget)] = {
+            "ours_best": {"sampler": ours["sampler"], "path_error": ours["path_error"]},
+            "diffusers_unipc_best": {"sampler": unipc["sampler"], "path_error": unipc["path_error"]},
+            "diffusers_best": {"sampler": peer["sampler"], "path_error": peer["path_error"]},
+            "ratio_to_diffusers_unipc": ours["path_error"] / unipc["path_error"],
+            "ratio_to_diffusers_best": ours["path_error"] / peer["path_error"],
+        }
+    return out
 
 
 def _print_budget(rows: list[dict[str, Any]], budget: int) -> None:
