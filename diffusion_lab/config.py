@@ -275,8 +275,8 @@ class DPMSolverSamplerConfig(SamplerConfig):
 
 
 class UniPCVariant(str, Enum):
-    bh1 = "bh1"  # B(h) = h (Zhao et al. 2023: better unconditional)
-    bh2 = "bh2"  # B(h) = 1 − e^{−h} (better guided; diffusers' default)
+    bh1 = "bh1"  # B(h) = h (recommended for unconditional sampling below 10 steps)
+    bh2 = "bh2"  # B(h) = 1 − e^{−h} (diffusers' default; recommended otherwise)
 
 
 class UniPCPredictor(str, Enum):
