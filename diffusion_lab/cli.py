@@ -1,4 +1,5 @@
-"""Console entry points ``dlab-train``, ``dlab-sample`` and ``dlab-evaluate``, thin and fast to fail.
+"""Console entry points ``dlab-train``, ``dlab-sample``, ``dlab-evaluate`` and ``dlab-tune-grid``, thin and fast to
+fail.
 
 Each entry point composes its config with Hydra (a mistyped key or option fails there, with the valid
 list), validates it (ranges, impossible combinations, the hardware it asks for), and only then imports
@@ -7,6 +8,7 @@ the training stack (Lightning alone takes seconds to import), so a typo costs ab
     dlab-train experiment=toy2d schedule=cosine
     dlab-sample ckpt_path=outputs/digits/<run>/checkpoints/last.ckpt sampler=dpm_solver
     dlab-evaluate ckpt_path=… scores=[bpd]
+    dlab-tune-grid ckpt_path=… sampler=dpm_solver sampler.steps=10   # then sampler.grid=tuned in dlab-sample
 """
 
 from __future__ import annotations
@@ -98,3 +100,13 @@ def evaluate_main(cfg: DictConfig) -> None:
     track(cfg, out_dir, "eval", results)
     print(format_table(results))
     print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'summary.json'}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="tune_grid")
+def tune_grid_main(cfg: DictConfig) -> None:
+    """``dlab-tune-grid``: fit the sampler's grid to the checkpoint; write it to ``<ckpt dir>/grids/``."""
+    from diffusion_lab.tune_grid import describe, fit_options, run
+
+    fit_options(cfg)  # range checks before the checkpoint is loaded
+    record = run(cfg, list(HydraConfig.get().overrides.task))
+    print(describe(record))

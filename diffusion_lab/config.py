@@ -789,13 +789,13 @@ class TuneGridConfig:
 
     ckpt_path: str = MISSING
     sampler: Any = None
-    num_draws: int = 256  # noise draws the grid is fitted on
-    num_heldout: int = 256  # other draws the error is reported on (and the fit accepted by)
-    max_evals: int = 200  # loss evaluations of the search, each `steps` NFE on num_draws examples
+    num_draws: int = 128  # noise draws the grid is fitted on
+    num_heldout: int = 128  # other draws the error is reported on (and the fit accepted by)
+    max_evals: int = 120  # loss evaluations of the search, each `steps` NFE on num_draws examples
     batch_size: int = 256
     seed: int = 0
-    reference_rtol: float = 1e-6  # the RK45 reference solve
-    reference_atol: float = 1e-6
+    reference_rtol: float = 1e-5  # the RK45 reference solve (checked against 10x tighter on 16 held-out draws)
+    reference_atol: float = 1e-5
     use_ema: bool = True
     device: str = "cpu"
 

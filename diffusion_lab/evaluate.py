@@ -50,6 +50,7 @@ from diffusion_lab.metrics import format_count, metric_key
 from diffusion_lab.metrics.likelihood import BitsPerDim, bits_per_dim
 from diffusion_lab.module import DiffusionModule, load_module
 from diffusion_lab.sample import build_sampler
+from diffusion_lab.samplers.tuning import grid_protocol
 
 SPLITS = ("train", "val")
 
@@ -201,8 +202,8 @@ def evaluate_samples(cfg: DictConfig, module: DiffusionModule, plan: SamplePlan)
     protocol: dict[str, Any] = {
         "samples": {
             **sampling_protocol(out, module.num_classes),
-            "sampler": sampler.name, "steps": sampler.steps, "num_samples": cfg.num_samples, "seed": cfg.seed,
-            "weights": "EMA" if cfg.use_ema else "raw",
+            "sampler": sampler.name, "steps": sampler.steps, **grid_protocol(sampler), "num_samples": cfg.num_samples,
+            "seed": cfg.seed, "weights": "EMA" if cfg.use_ema else "raw",
             "reference": f"{type(datamodule).__name__} train split",
         },
     }  # fmt: skip

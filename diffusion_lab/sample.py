@@ -7,7 +7,9 @@ Writes ``samples.npz`` and ``grid.png`` in the output directory and prints the N
 ``samples.npz`` holds ``x0`` (the samples), ``y`` (their labels; only for a conditional model), ``nfe``
 (denoiser calls per sample), ``network_evals`` (network evaluations per sample: ``2·nfe`` under guidance,
 whose calls each run the conditional and unconditional branch in one batch), ``guided``,
-``guidance_scale`` (NaN when unguided) and ``seed``. The sampler defaults to the one stored with the run.
+``guidance_scale`` (NaN when unguided), ``seed``, ``time_grid`` (the grid's name) and ``time_grid_file`` (for
+``sampler.grid=tuned``, the file of the grid fitted by ``dlab-tune-grid``; else empty). The sampler defaults to
+the one stored with the run.
 A conditional model samples labels cycling over ``class_labels`` (default: all classes).
 
 The job is recorded like a training run (:func:`track`): ``summary.json`` in the output directory and a W&B
@@ -29,6 +31,8 @@ from diffusion_lab.callbacks import generate_in_batches, sampling_protocol, save
 from diffusion_lab.callbacks.checkpoint import RUN_KEY, WANDB_KEY
 from diffusion_lab.config import ConfigError, check_guidance, check_sampler
 from diffusion_lab.module import load_checkpoint, load_module
+from diffusion_lab.samplers.base import TUNED_GRID
+from diffusion_lab.samplers.tuning import grid_protocol, load_tuned_grid
 from diffusion_lab.tracking import track_job, training_run
 
 
@@ -38,22 +42,40 @@ def render(run_config: dict[str, Any], samples: torch.Tensor) -> np.ndarray:
     return datamodule.render(samples)
 
 
-def build_sampler(cfg: DictConfig, module: Any, overrides: list[str]) -> Any:
-    """The requested sampler (or the run's), checked against the checkpoint's schedule.
+def sampler_config(cfg: DictConfig, module: Any, overrides: list[str]) -> DictConfig:
+    """The requested sampler's config node, or the run's when ``cfg.sampler`` is null.
 
     A sampler chosen here keeps the run's ``clip_x0`` (a property of the data's range: [−1, 1] images or
     unbounded vectors) unless ``sampler.clip_x0`` is itself among the command-line ``overrides``.
     """
     if cfg.sampler is None:
-        return module.sampler
+        return OmegaConf.create(module.config["sampler"])
     sampler_cfg = cfg.sampler.copy()
     run_clip = module.config.get("sampler", {}).get("clip_x0", "missing")
     if run_clip != "missing" and not any(o.split("=")[0].lstrip("+~") == "sampler.clip_x0" for o in overrides):
         sampler_cfg.clip_x0 = run_clip
+    return sampler_cfg
+
+
+def build_sampler(cfg: DictConfig, module: Any, overrides: list[str]) -> Any:
+    """The requested sampler (or the run's, :func:`sampler_config`), checked against the checkpoint's schedule.
+
+    ``sampler.grid=tuned`` attaches the grid ``dlab-tune-grid`` fitted for ``cfg.ckpt_path``, these sampler
+    settings and ``cfg.use_ema`` (:func:`~diffusion_lab.samplers.tuning.load_tuned_grid`), or refuses.
+    """
+    if cfg.sampler is None:
+        return module.sampler
+    sampler_cfg = sampler_config(cfg, module, overrides)
     try:
         sampler = instantiate(sampler_cfg)
     except Exception as err:  # hydra wraps the constructor's ValueError
         raise ConfigError(f"sampler: {err.__cause__ or err}") from err
+    if sampler.grid == TUNED_GRID:
+        identity = OmegaConf.to_container(sampler_cfg, resolve=True, enum_to_str=True)
+        try:
+            load_tuned_grid(sampler, identity, cfg.ckpt_path, cfg.use_ema)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     check_sampler(sampler, module.denoiser.schedule)
     return sampler
 
@@ -74,6 +96,8 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
     w = out.guidance_scale
     arrays: dict[str, Any] = {"x0": out.x0.numpy(), "nfe": out.nfe, "network_evals": out.network_evals}
     arrays |= {"guided": out.guided, "guidance_scale": float("nan") if w is None else w, "seed": cfg.seed}
+    grid = grid_protocol(sampler)
+    arrays |= {"time_grid": grid["time_grid"], "time_grid_file": grid["time_grid_file"] or ""}
     if out.y is not None:
         arrays["y"] = out.y.numpy()
     np.savez(out_dir / "samples.npz", **arrays)
@@ -85,6 +109,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
         "num_samples": cfg.num_samples,
         "sampler": sampler.name,
         "steps": sampler.steps,
+        **grid,
         "ema": cfg.use_ema,
         "out_dir": str(out_dir),
     }

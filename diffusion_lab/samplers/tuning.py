@@ -25,10 +25,14 @@ Method (every piece below is what :func:`fit_grid` runs):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +57,8 @@ from diffusion_lab.samplers.ode import RK45Sampler
 MIN_SHARE = 1e-4
 # Nelder–Mead's first simplex: each logit moved by this much (a factor e^0.5 on one increment).
 SIMPLEX_STEP = 0.5
+# Held-out draws re-solved with 10× tighter tolerances to estimate the reference's own error.
+REFERENCE_CHECK = 16
 
 
 @dataclass(frozen=True)
@@ -61,13 +67,13 @@ class FitOptions:
     at most ``max_evals`` loss evaluations, evaluated in batches of ``batch_size``; the reference is RK45 with
     ``reference_rtol``/``reference_atol``."""
 
-    num_draws: int = 256
-    num_heldout: int = 256
-    max_evals: int = 200
+    num_draws: int = 128
+    num_heldout: int = 128
+    max_evals: int = 120
     batch_size: int = 256
     seed: int = 0
-    reference_rtol: float = 1e-6
-    reference_atol: float = 1e-6
+    reference_rtol: float = 1e-5
+    reference_atol: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("num_draws", "num_heldout", "max_evals", "batch_size"):
@@ -185,7 +191,9 @@ def check_deterministic(sampler: Sampler, denoiser: Denoiser, x_T: Tensor, grid:
 class GridFit:
     """A fitted grid and its record. ``grid``/``start``: ``(N+1,)`` float64; errors are RMSE per dimension
     against the reference on the fit and held-out draws, before (start grid) and after (``grid``);
-    ``accepted``: the fit beat the start on held-out draws (else ``grid`` is the start grid).
+    ``accepted``: the fit beat the start on held-out draws (else ``grid`` is the start grid);
+    ``reference_error``: RMSE of the reference against one with 10× tighter tolerances (:data:`REFERENCE_CHECK`
+    held-out draws), which the errors cannot resolve below.
     Cost: ``loss_evaluations`` of the search; ``sampler_evals`` / ``reference_evals``: denoiser evaluations of one
     example (NFE × examples) by the tuned sampler (search, checks and reports) and by the reference solver."""
 
@@ -199,6 +207,7 @@ class GridFit:
     loss_evaluations: int
     sampler_evals: int
     reference_evals: int
+    reference_error: float
     sigma_floor: float
     wall_s: float
 
@@ -216,6 +225,7 @@ def fit_grid(
     ref = float(start[0]), floor, sampler.clip_x0, options.reference_rtol, options.reference_atol
     fit_ref, ref_a = reference_solve(denoiser, x_fit, *ref, y=y_fit, batch=options.batch_size)
     held_ref, ref_b = reference_solve(denoiser, x_heldout, *ref, y=y_heldout, batch=options.batch_size)
+    ref_error, ref_c = _reference_error(denoiser, x_heldout, held_ref, ref, y_heldout)
     loss = EndpointError(sampler, denoiser, x_fit, fit_ref, y_fit, options.batch_size)
     held = EndpointError(sampler, denoiser, x_heldout, held_ref, y_heldout, options.batch_size)
     param = LogSigmaGrid(denoiser.schedule, start, floor)
@@ -229,8 +239,22 @@ def fit_grid(
         grid=grid, start=start, fit_before=math.sqrt(fit_before), fit_after=math.sqrt(fit_after),
         heldout_before=math.sqrt(held_before), heldout_after=math.sqrt(min(held_after, held_before)),
         accepted=bool(accepted), loss_evaluations=evaluations, sampler_evals=loss.evals + held.evals + checked,
-        reference_evals=ref_a + ref_b, sigma_floor=floor, wall_s=time.perf_counter() - began,
+        reference_evals=ref_a + ref_b + ref_c, reference_error=ref_error, sigma_floor=floor,
+        wall_s=time.perf_counter() - began,
     )  # fmt: skip
+
+
+def _reference_error(
+    denoiser: Denoiser, x_T: Tensor, x_ref: Tensor, ref: tuple[float, float, float | None, float, float],
+    y: Tensor | None,
+) -> tuple[float, int]:  # fmt: skip
+    """RMSE between ``x_ref`` and a 10× tighter solve of the first :data:`REFERENCE_CHECK` draws; and its cost."""
+    t_0, floor, clip_x0, rtol, atol = ref
+    n = min(REFERENCE_CHECK, x_T.shape[0])
+    tight, evals = reference_solve(
+        denoiser, x_T[:n], t_0, floor, clip_x0, rtol / 10, atol / 10, None if y is None else y[:n]
+    )
+    return float((tight.double() - x_ref[:n].double()).square().mean().sqrt()), evals
 
 
 def _search(loss: EndpointError, param: LogSigmaGrid, start: Tensor, max_evals: int) -> tuple[np.ndarray, int]:
@@ -242,3 +266,96 @@ def _search(loss: EndpointError, param: LogSigmaGrid, start: Tensor, max_evals: 
         options={"maxfev": max_evals, "initial_simplex": simplex, "adaptive": True, "xatol": 1e-3, "fatol": 0.0},
     )  # fmt: skip
     return np.asarray(result.x), int(result.nfev)
+
+
+# ------------------------------------------------------------------------------------------------ grid files
+
+GRID_FORMAT = "diffusion_lab.tuned_grid/1"
+
+
+def grid_file(ckpt_path: str | Path, sampler_name: str, steps: int) -> Path:
+    """Where the grid fitted for a checkpoint, sampler and step count lives:
+    ``<ckpt dir>/grids/<ckpt stem>/<sampler>_<steps>.json``."""
+    ckpt = Path(ckpt_path)
+    return ckpt.parent / "grids" / ckpt.stem / f"{sampler_name}_{steps}.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sampler_identity(sampler_config: dict[str, Any]) -> dict[str, Any]:
+    """The sampler settings a tuned grid belongs to: its config without ``grid`` (the start grid when fitting,
+    ``tuned`` when used)."""
+    return {k: v for k, v in sorted(sampler_config.items()) if k != "grid"}
+
+
+def tune_command(ckpt_path: str | Path, sampler_name: str, steps: int) -> str:
+    """The command that fits the grid :func:`load_tuned_grid` looks for."""
+    return (
+        f"dlab-tune-grid ckpt_path={ckpt_path} sampler={sampler_name} sampler.steps={steps} "
+        "(with the same other sampler.* settings)"
+    )
+
+
+def save_grid_record(path: Path, record: dict[str, Any]) -> None:
+    """Write a grid record (``grid``: the ``(N+1,)`` list, and its protocol) as JSON, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"format": GRID_FORMAT, **record}, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def load_tuned_grid(
+    sampler: Sampler, sampler_config: dict[str, Any], ckpt_path: str | Path, use_ema: bool
+) -> dict[str, Any]:
+    """Attach to ``sampler`` (``grid="tuned"``) the grid fitted for this checkpoint file, sampler settings,
+    ``steps`` and weights (EMA or raw); returns the record. Raises ``ValueError`` naming the file and the
+    command to create it when there is none, or when it was fitted for something else."""
+    path = grid_file(ckpt_path, sampler.name, sampler.steps)
+    refit = f"fit one with: {tune_command(ckpt_path, sampler.name, sampler.steps)}"
+    if not path.is_file():
+        raise ValueError(f"sampler.grid=tuned: no grid was fitted for {ckpt_path} with this sampler: {path} does not "
+                         f"exist; {refit}")  # fmt: skip
+    record = json.loads(path.read_text())
+    problems = _mismatches(record, sampler, sampler_identity(sampler_config), ckpt_path, use_ema)
+    if problems:
+        raise ValueError(f"sampler.grid=tuned: {path} was fitted for {'; '.join(problems)}; {refit}")
+    sampler.use_tuned_grid(torch.tensor(record["grid"], dtype=F64), str(path))
+    return record
+
+
+def _mismatches(
+    record: dict[str, Any], sampler: Sampler, identity: dict[str, Any], ckpt_path: str | Path, use_ema: bool
+) -> list[str]:
+    """What differs between a grid record and the request (empty: it fits)."""
+    if record.get("format") != GRID_FORMAT:
+        return [f"another file format ({record.get('format')!r}, expected {GRID_FORMAT!r})"]
+    problems = []
+    if (record["sampler_name"], record["steps"]) != (sampler.name, sampler.steps):
+        problems.append(f"sampler={record['sampler_name']} steps={record['steps']}")
+    if record["sampler"] != identity:
+        diff = {k: (record["sampler"].get(k), identity.get(k)) for k in set(record["sampler"]) | set(identity)}
+        changed = {k: f"{a!r} (fitted) vs {b!r} (asked)" for k, (a, b) in sorted(diff.items()) if a != b}
+        problems.append(f"other sampler settings: {changed}")
+    if record["ema"] != use_ema:
+        problems.append(f"the {'EMA' if record['ema'] else 'raw'} weights, not the {'EMA' if use_ema else 'raw'} ones")
+    sha = file_sha256(ckpt_path)
+    if record["checkpoint"]["sha256"] != sha:
+        ck = record["checkpoint"]
+        problems.append(f"checkpoint sha256 {ck['sha256'][:16]}… (step {ck['global_step']}), but {ckpt_path} is "
+                        f"{sha[:16]}… now (overwritten, e.g. by further training)")  # fmt: skip
+    return problems
+
+
+def grid_protocol(sampler: Sampler) -> dict[str, Any]:
+    """The grid half of a sampling protocol: ``time_grid`` (its name) and ``time_grid_file`` (for ``tuned``, the
+    file it was read from; else None)."""
+    if isinstance(sampler, RK45Sampler):
+        return {"time_grid": "adaptive", "time_grid_file": None}  # RK45 takes only the end points
+    return {"time_grid": sampler.grid, "time_grid_file": sampler.tuned_grid_file}
