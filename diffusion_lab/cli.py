@@ -33,15 +33,22 @@ log = logging.getLogger(__name__)
 register_configs()
 
 
-def check_hardware(cfg: DictConfig, cuda_devices: int) -> None:
+def check_hardware(cfg: DictConfig, cuda_devices: int | None = None) -> None:
     """Refuse a trainer that asks for GPUs the machine does not have (before Lightning is imported).
 
     Args:
         cfg: the composed training config.
-        cuda_devices: the number of CUDA devices visible here (``torch.cuda.device_count()``).
+        cuda_devices: the number of CUDA devices visible here; None: ask ``torch.cuda.device_count()`` (torch is
+            imported only when the trainer asks for a GPU).
     """
     accelerator = str(cfg.trainer.accelerator)
-    if accelerator not in GPU_ACCELERATORS or cuda_devices > 0:
+    if accelerator not in GPU_ACCELERATORS:
+        return
+    if cuda_devices is None:
+        import torch
+
+        cuda_devices = torch.cuda.device_count()
+    if cuda_devices > 0:
         return
     strategy = str(cfg.trainer.get("strategy", "auto"))
     what = f"trainer.strategy={strategy} (Lightning's FSDP is CUDA-only)" if strategy.startswith("fsdp") else (
@@ -62,9 +69,7 @@ def _output_dir(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def train_main(cfg: DictConfig) -> float | None:
     """``dlab-train``; returns the ``optimize_metric`` value (for a Hydra sweeper)."""
-    import torch
-
-    check_hardware(cfg, torch.cuda.device_count())
+    check_hardware(cfg)
     validate_config(cfg)  # the dataset's own checks import Lightning (its LightningDataModule)
     from diffusion_lab.tracking import objective
     from diffusion_lab.train import train

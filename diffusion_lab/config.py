@@ -989,8 +989,8 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.strategy={cfg.trainer.strategy} needs GPUs (Lightning's FSDP is CUDA-only); with "
             "trainer.accelerator=cpu use trainer=ddp (valid strategies on CPU: auto, ddp, ddp_spawn)"
         )
+    _check_digits_metric(cfg)  # config-only checks first: they need no torch import
     _check_objective(cfg)
-    _check_digits_metric(cfg)
     datamodule = _instantiate_axis(cfg, "dataset")  # its own checks (it is built, not set up: no data is loaded)
     _check_conditioning(cfg, datamodule)
 

@@ -55,26 +55,29 @@ _PROBE = textwrap.dedent(
     except SystemExit as exit:
         print("exit", exit.code)
     print("lightning imported:", "lightning" in sys.modules)
+    print("torch imported:", "torch" in sys.modules)
     """
 )
 
 
 @pytest.mark.parametrize(
-    ("entry", "overrides", "message"),
+    ("entry", "overrides", "message", "needs_torch"),
     [
-        ("train_main", ["schedule=cosin"], "Could not find 'schedule/cosin'"),
-        ("train_main", ["ema.decay=1.5"], "ema.decay=1.5 is out of range"),
-        ("train_main", ["trainer=fsdp"], "needs a CUDA GPU"),
-        ("sample_main", ["ckpt_path=x.ckpt", "sampler=dpm_solvr"], "Could not find 'sampler/dpm_solvr'"),
+        ("train_main", ["schedule=cosin"], "Could not find 'schedule/cosin'", False),
+        ("train_main", ["ema.decay=1.5"], "ema.decay=1.5 is out of range", False),
+        ("train_main", ["metrics=digits_fd", "dataset=toy2d"], "metrics=digits_fd needs dataset=digits", False),
+        ("train_main", ["trainer=fsdp"], "needs a CUDA GPU", True),
+        ("sample_main", ["ckpt_path=x.ckpt", "sampler=dpm_solvr"], "Could not find 'sampler/dpm_solvr'", False),
     ],
 )
-def test_config_errors_are_reported_before_lightning_is_imported(tmp_path, entry, overrides, message):
+def test_config_errors_are_reported_before_lightning_is_imported(tmp_path, entry, overrides, message, needs_torch):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the fsdp case must see no GPU on any machine
     cmd = [sys.executable, "-c", _PROBE, entry, *overrides, f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert message in proc.stderr + proc.stdout
     assert "exit 1" in proc.stdout
     assert "lightning imported: False" in proc.stdout
+    assert f"torch imported: {needs_torch}" in proc.stdout  # range and pairing checks need no torch either
 
 
 def test_check_hardware_refuses_gpus_the_machine_does_not_have():
