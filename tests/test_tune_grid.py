@@ -72,6 +72,17 @@ def test_sample_with_the_tuned_grid_records_it(tuned_ckpt, tmp_path):
     assert str(data["time_grid"]) == "tuned" and str(data["time_grid_file"]) == str(path)
 
 
+def test_evaluate_with_the_tuned_grid_records_it(tuned_ckpt, tmp_path):
+    from diffusion_lab.evaluate import run as evaluate_run
+
+    ckpt, _ = tuned_ckpt
+    args = ["scores=[toy2d]", "sampler=dpm_solver", "sampler.steps=4", "sampler.grid=tuned", "num_samples=16"]
+    results = evaluate_run(compose_named("evaluate", [f"ckpt_path={ckpt}", *args]), tmp_path, args)
+    protocol = results["protocol"]["samples"]
+    assert protocol["time_grid"] == "tuned" and protocol["nfe"] == 4
+    assert protocol["time_grid_file"] == str(ckpt.parent / "grids" / "last" / "dpm_solver_4.json")
+
+
 def test_sample_with_an_unfitted_tuned_grid_is_refused(tuned_ckpt, tmp_path):
     from diffusion_lab.sample import run as sample_run
 
