@@ -60,6 +60,19 @@ def check_hardware(cfg: DictConfig, cuda_devices: int | None = None) -> None:
     )
 
 
+def route_lightning_logs() -> None:
+    """Send Lightning's log records through the root logger Hydra configured (console + ``<run>/train.log``).
+
+    Imported before Hydra set logging up (``python -m diffusion_lab.train``), Lightning gives its loggers a
+    console handler of their own and stops them propagating, which leaves ``train.log`` without its messages.
+    """
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def _output_dir(cfg: DictConfig) -> Path:
     """``cfg.out_dir`` when set, else the Hydra job's output directory."""
     out_dir = cfg.get("out_dir")
@@ -74,6 +87,7 @@ def train_main(cfg: DictConfig) -> float | None:
     from diffusion_lab.tracking import objective
     from diffusion_lab.train import train
 
+    route_lightning_logs()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     metrics = train(cfg, run_dir)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:

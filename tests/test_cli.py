@@ -95,8 +95,8 @@ def test_a_cli_run_writes_train_log_and_counts_steps_of_max_steps(tmp_path):
     steps = 3
     cmd = [
         sys.executable, "-m", "diffusion_lab.train", "experiment=toy2d", "debug=default", "logger=csv",
-        f"trainer.max_steps={steps}", "eval.num_samples=0", "eval.bpd_examples=0", "callbacks.sample_every_n_steps=0",
-        "trainer.limit_val_batches=0", f"hydra.run.dir={tmp_path}",
+        f"trainer.max_steps={steps}", "eval.num_samples=0", "eval.bpd_examples=0",
+        "callbacks.sample_every_n_steps=1000", "trainer.limit_val_batches=0", f"hydra.run.dir={tmp_path}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
