@@ -104,6 +104,21 @@ def test_stop_and_resume_in_process_is_bit_identical(tmp_path):
     assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
 
 
+def test_extending_a_finished_run_is_bit_identical(tmp_path):
+    """A run that ended at max_steps between two periodic saves (7, saving every 5) and is then extended to 20
+    (the README's ``ckpt_path=… trainer.max_steps=…``) equals an uninterrupted 20-step run: the final
+    checkpoint is written where the last step ends, mid-epoch, not after Lightning closed the epoch."""
+    args = [a for a in RESUME_ARGS if not a.startswith("trainer.max_steps")] + ["callbacks.checkpoint_every_n_steps=5"]
+    train(compose_train([*args, "trainer.max_steps=20"]), tmp_path / "ref")
+    train(compose_train([*args, "trainer.max_steps=7"]), tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 7
+    train(compose_train([*args, "trainer.max_steps=20"]), tmp_path / "run")
+    a, b = (load_checkpoint(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "ref", tmp_path / "run"))
+    assert a["global_step"] == b["global_step"] == 20
+    assert a["epoch"] == b["epoch"]
+    assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
+
+
 @pytest.mark.parametrize(
     "signum",
     [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],  # ~2 min each on a loaded 2-core box
@@ -441,7 +456,8 @@ def test_accumulate_compile_and_channels_last_switches(tmp_path):
     metrics = train(compose_train([*digits, *over]), tmp_path)
     assert metrics["train/steps"] == 2
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 4  # 2 batches per step
+    # 2 batches per step (the last step is saved where it ends: its batch is processed, not yet "completed")
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 4
 
 
 @pytest.mark.slow

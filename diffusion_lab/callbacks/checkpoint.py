@@ -216,8 +216,9 @@ class TrainingInterrupted(SIGTERMException):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two save steps, and when a
-    stop signal arrives.
+    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two save steps (at the end of
+    the step that reaches ``max_steps``, so extending the run resumes mid-epoch exactly), and when a stop signal
+    arrives.
 
     On SIGTERM (SLURM preemption, ``kill``), SIGINT (Ctrl-C) or SIGUSR1 (SLURM's pre-timeout ``--signal``) the
     current step runs to its end (optimizer step and EMA update), ``last.ckpt`` of that step is written through
@@ -282,9 +283,22 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if trainer.global_step == self._step_at_batch_start:
             return  # a gradient-accumulation micro-batch: no optimizer step to save yet
+        if self._is_last_step(trainer):
+            # Saved here, mid-epoch, as a periodic save would be: after this hook Lightning closes the epoch, and a
+            # checkpoint written in on_train_end would resume one epoch later (another data order).
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         signum = agreed_signal(trainer, self._received)
         if signum:
             self._save_and_stop(trainer, signum)
+
+    def _is_last_step(self, trainer: L.Trainer) -> bool:
+        """Whether this optimizer step reached ``max_steps`` and ``last.ckpt`` does not hold it yet."""
+        return (
+            self.save_last is True
+            and 0 < trainer.max_steps <= trainer.global_step
+            and self._last_global_step_saved != trainer.global_step
+            and not trainer.sanity_checking
+        )
 
     def _save_and_stop(self, trainer: L.Trainer, signum: int) -> None:
         """Write ``last.ckpt`` of this step (unless the periodic save just did), requeue under SLURM, raise."""
