@@ -28,7 +28,8 @@ plot (``--plot``); the goal is that our best sampler at each NFE at least matche
 ``vs_diffusers_unipc`` in the JSON: per NFE, our best path error over diffusers' best UniPC (any of its grids),
 and over diffusers' best DPM-Solver++, with and without the tuned rows.
 
-Model-tuned rows (``ours/dpm_solver_2m+tuned``, ``ours/unipc+tuned``, at NFE 5 and 10; ``--no-tuned`` skips them):
+Model-tuned rows (``ours/dpm_solver_2m+tuned``, ``ours/unipc+tuned``, at NFE 5 and 10 unless ``--tuned-nfe``;
+``--no-tuned`` skips them):
 the ``log_snr`` grid is fitted by :func:`diffusion_lab.samplers.tuning.fit_grid` (``dlab-tune-grid``'s method and
 defaults) to the exact denoiser as the model, on noise draws from the generator seeded ``seed + 1`` (fit and
 held-out draws), disjoint from the evaluation noise (seed ``seed``), then evaluated on the benchmark's noise like
@@ -304,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: per --data (see DATA)")
     parser.add_argument("--plot", type=Path, default=None, help="default: per --data (see DATA)")
     parser.add_argument("--no-tuned", action="store_true", help="skip the model-tuned rows")
+    parser.add_argument("--tuned-nfe", type=int, nargs="+", default=list(TUNED_NFES), help="budgets (in --nfe) to tune")
     parser.add_argument(
         "--only-tuned", action="store_true",
         help="keep --out's rows (same data, seed and num_samples) and run only the tuned rows",
@@ -409,9 +411,9 @@ def _untuned_rows(
 def _tuned_rows(
     args: argparse.Namespace, denoiser: Denoiser, z: Tensor, x_ref: Tensor, truth: Tensor
 ) -> list[dict[str, Any]]:
-    """:data:`TUNED` at the budgets of :data:`TUNED_NFES` that are in ``--nfe`` (grid fitted per budget)."""
+    """:data:`TUNED` at the ``--tuned-nfe`` budgets that are in ``--nfe`` (grid fitted per budget)."""
     rows: list[dict[str, Any]] = []
-    for nfe_budget in (b for b in args.nfe if b in TUNED_NFES):
+    for nfe_budget in (b for b in args.nfe if b in args.tuned_nfe):
         for label, (reg, kwargs) in TUNED.items():
             x, nfe, record = run_tuned(reg, kwargs, nfe_budget, denoiser, z, args.seed)
             rows.append({**_row(label, "ours", nfe_budget, nfe_budget, nfe, x, x_ref, truth, True), "tuning": record})
@@ -423,7 +425,7 @@ def _tuned_protocol(args: argparse.Namespace) -> dict[str, Any]:
     options = FitOptions(seed=args.seed + 1)
     return {
         "samplers": {label: {"registry": reg, **kwargs} for label, (reg, kwargs) in TUNED.items()},
-        "nfe": [b for b in args.nfe if b in TUNED_NFES],
+        "nfe": [b for b in args.nfe if b in args.tuned_nfe],
         "method": "diffusion_lab.samplers.tuning.fit_grid (dlab-tune-grid), exact denoiser as the model",
         "fit_options": {k: getattr(options, k) for k in options.__dataclass_fields__},
         "draws": f"fit and held-out noise from torch.Generator seed {options.seed}; evaluation noise: seed "
