@@ -138,6 +138,9 @@ def select_job_type(runs: list[Run], job_type: str) -> list[Run]:
 
 def axis_value(run: Run, axis: str) -> str:
     """A run's value on an axis: its config-group choice, its override, or its config at a dotted path."""
+    if axis == SEED and isinstance(run["config"].get("train"), dict):
+        # A sample/eval job: the training run's seed, then the job's own sampling seed.
+        return f"{run['config']['train'].get(SEED, '')}/{run['config'].get(SEED, '')}"
     if axis in run["choices"]:
         return str(run["choices"][axis])
     if axis in run["overrides"]:
@@ -264,9 +267,25 @@ def check_metrics(runs: list[Run], patterns: Sequence[str] | None) -> list[str]:
     return found
 
 
+CHECKPOINT = "ckpt_path"  # a sample/eval job's model: pooled over only when the training runs differ in seed alone
+
+
 def run_axes(runs: Iterable[Run]) -> set[str]:
-    """The config groups and override keys of the runs: the axes a sweep can vary."""
-    return {k for r in runs for k in (*r["choices"], *r["overrides"])}
+    """The config groups and override keys of the runs, and the checkpoint a sample/eval job scored: the axes a
+    sweep can vary."""
+    runs = list(runs)
+    checkpoint = {CHECKPOINT} if any(r["config"].get(CHECKPOINT) for r in runs) else set()
+    return {k for r in runs for k in (*r["choices"], *r["overrides"])} | checkpoint
+
+
+def training_seed_only(members: list[Run]) -> bool:
+    """Whether the jobs' checkpoints come from training runs whose configs differ in ``seed`` alone (the
+    training config a sample/eval job stores under ``train``): then their spread is a spread over seeds."""
+    configs = [r["config"].get("train") for r in members]
+    if not all(isinstance(c, dict) for c in configs):
+        return False
+    unseeded = [json.dumps({k: v for k, v in c.items() if k != SEED}, sort_keys=True, default=str) for c in configs]
+    return len(set(unseeded)) == 1
 
 
 def mixed_axes(groups: Iterable[list[Run]], shown: Iterable[str]) -> dict[str, list[str]]:
@@ -275,7 +294,8 @@ def mixed_axes(groups: Iterable[list[Run]], shown: Iterable[str]) -> dict[str, l
     ignore = {SEED, *shown}
     mixed: dict[str, set[str]] = {}
     for members in groups:
-        for axis in run_axes(members) - ignore:
+        seed_only = training_seed_only(members)
+        for axis in run_axes(members) - ignore - ({CHECKPOINT} if seed_only else set()):
             values = {axis_value(r, axis) or "(unset)" for r in members}
             if len(values) > 1:
                 mixed.setdefault(axis, set()).update(values)

@@ -267,3 +267,36 @@ def test_lines_over_seeds_carry_a_standard_error_band_and_n(seeded_curves, make_
     assert (band.min(), band.max()) == pytest.approx((1.0, 2.0))  # losses 1 and 2: mean 1.5 ± s.e. 0.5
     curves = make_plots.step_curves(make_plots.make_table.load_runs(seeded_curves), "schedule", "train/loss", 1)
     assert curves["linear"][5.0] == make_plots.make_table.summarize([1.0, 2.0])
+
+
+def sample_job(root: Path, name: str, ckpt: str, train: dict, steps: int, fd: float) -> Path:
+    """A fake sample job (scripts/sampler_nfe.py, dlab-sample) on one checkpoint: the sampler and steps are its
+    overrides; the checkpoint and the training run's config are in its config only."""
+    job = root / name
+    job.mkdir(parents=True)
+    summary = {"choices": {"sampler": "dpm_solver"}, "overrides": [f"steps={steps}"], "job_type": "sample",
+               "config": {"seed": 0, "ckpt_path": ckpt, "train": train}, "metrics": {"val/fd@500": fd}}  # fmt: skip
+    (job / "summary.json").write_text(json.dumps(summary))
+    return job
+
+
+def test_sample_jobs_on_checkpoints_of_different_training_runs_are_not_pooled(tmp_path, make_table):
+    """Jobs on two checkpoints whose training runs differ in more than seed (here: the schedule) are refused,
+    naming ckpt_path; before, a cell silently averaged the two models."""
+    for i, schedule in enumerate(("linear", "cosine")):
+        sample_job(tmp_path, f"job{i}", f"runs/{schedule}/last.ckpt", {"seed": 0, "schedule": schedule}, 5, 10.0 + i)
+    with pytest.raises(SystemExit) as err:
+        make_table.main([str(tmp_path), "--rows", "sampler", "--cols", "steps", "--metric", "val/fd@*"])
+    assert "ckpt_path (runs/cosine/last.ckpt, runs/linear/last.ckpt)" in str(err.value.code)
+
+
+def test_sample_jobs_on_checkpoints_of_seed_only_training_runs_pool_as_seeds(tmp_path, make_table, capsys):
+    """Jobs on checkpoints of training runs that differ in seed alone are a spread over seeds (n = 3, no
+    "repeats" warning, although every job used sampling seed 0)."""
+    for seed in range(3):
+        sample_job(tmp_path, f"job{seed}", f"runs/s{seed}/last.ckpt", {"seed": seed, "schedule": "linear"}, 5, seed)
+    assert make_table.main([str(tmp_path), "--rows", "sampler", "--cols", "steps", "--metric", "val/fd@*"]) == 0
+    out, err = capsys.readouterr()
+    assert "mean ± standard error over n = 3 seeds per cell" in out
+    assert "| dpm_solver | 1 ± 0.58 |" in out  # mean of 0, 1, 2; s.e. = 1/√3
+    assert "repeats" not in err
