@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -180,8 +181,7 @@ class DPMSolverSampler(Sampler):
         progress: bool,
     ) -> Tensor:
         """Integrate the PF-ODE from ``grid[0]`` to ``grid[-1]``; deterministic (``generator`` is not used)."""
-        alpha, sigma = schedule_alpha_sigma(model.schedule, grid)
-        nodes = GridNodes(grid.tolist(), alpha.tolist(), sigma.tolist(), half_log_snr(alpha, sigma).tolist())
+        nodes = GridNodes.of(model.schedule, grid)
         with tqdm(total=nodes.steps, disable=not progress, desc=self.name, leave=False) as bar:
             run = self._multistep if self.method == "multistep" else self._singlestep
             return run(model, x, nodes, y, bar)
@@ -240,6 +240,12 @@ class GridNodes:
     def __init__(self, t: list[float], alpha: list[float], sigma: list[float], lam: list[float]) -> None:
         self.t, self.alpha, self.sigma, self.lam = t, alpha, sigma, lam
         self.steps = len(t) - 1
+
+    @classmethod
+    def of(cls, schedule: Any, grid: Tensor) -> GridNodes:
+        """The nodes of a time ``grid`` (float64, decreasing) on ``schedule``."""
+        alpha, sigma = schedule_alpha_sigma(schedule, grid)
+        return cls(grid.tolist(), alpha.tolist(), sigma.tolist(), half_log_snr(alpha, sigma).tolist())
 
     def update(self, x: Tensor, x0_hats: Sequence[Tensor], lams: Sequence[float], r: int) -> Tensor:
         """:func:`multistep_update` from the grid point of ``lams[-1]`` (index ``r − 1``) to grid point ``r``."""

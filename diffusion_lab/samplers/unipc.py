@@ -40,11 +40,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusion_lab.samplers.base import CountingDenoiser, Generator, Sampler, schedule_alpha_sigma
+from diffusion_lab.samplers.base import CountingDenoiser, Generator, Sampler
 from diffusion_lab.samplers.dpm_solver import (
     GridNodes,
     extrapolation_order_cap,
-    half_log_snr,
     linear_combination,
     multistep_weights,
 )
@@ -171,8 +170,7 @@ class UniPCSampler(Sampler):
         progress: bool,
     ) -> Tensor:
         """Integrate the PF-ODE from ``grid[0]`` to ``grid[-1]``; deterministic (``generator`` is not used)."""
-        alpha, sigma = schedule_alpha_sigma(model.schedule, grid)
-        nodes = GridNodes(grid.tolist(), alpha.tolist(), sigma.tolist(), half_log_snr(alpha, sigma).tolist())
+        nodes = GridNodes.of(model.schedule, grid)
         history: list[Tensor] = []  # x̂0 at the latest grid points (at most `order`), oldest first
         x_prev, prev_order = x, 0
         for i, order in enumerate(tqdm(self.step_orders(nodes.lam), disable=not progress, desc=self.name, leave=False)):
