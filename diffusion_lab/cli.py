@@ -22,11 +22,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffusion_lab.config import ConfigError, register_configs, validate_config
+from diffusion_lab.config import CONFIG_DIR, ConfigError, register_configs, validate_config
 
-# The repository's conf/ (editable install), or the copy a wheel carries inside the package.
-_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
-CONFIG_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf")
 GPU_ACCELERATORS = ("gpu", "cuda")
 log = logging.getLogger(__name__)
 

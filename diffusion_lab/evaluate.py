@@ -37,20 +37,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks.evaluation import MAX_REFERENCE, generate_in_batches, guidance_suffix, sampling_protocol
-from diffusion_lab.config import (
-    DIGITS_METRIC_RESIZE,
-    SCHEMAS,
-    ConfigError,
-    HutchinsonProbe,
-    LikelihoodMethod,
-    check_guidance,
-)
+from diffusion_lab.config import DIGITS_METRIC_RESIZE, ConfigError, check_guidance, option_config
 from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions
 from diffusion_lab.metrics import format_count, metric_key
 from diffusion_lab.metrics.likelihood import BitsPerDim, bits_per_dim
 from diffusion_lab.module import DiffusionModule, load_module
 from diffusion_lab.sample import build_sampler
 from diffusion_lab.samplers.tuning import grid_protocol
+from diffusion_lab.schema.jobs import HutchinsonProbe, LikelihoodMethod
 
 SPLITS = ("train", "val")
 
@@ -113,13 +107,12 @@ def sample_metric(cfg: DictConfig, module: DiffusionModule, score: str, datamodu
     """The metric of ``score``: ``cfg.metrics`` if it is that option, else the run's, else the option's defaults
     (the digits resize rule taken from the run's dataset)."""
     option = SAMPLE_SCORES[score]
-    schema = SCHEMAS["metrics"][option]
-    target = OmegaConf.structured(schema)._target_
+    target = option_config("metrics", option)._target_
     assert module.config is not None
     run_metrics = OmegaConf.create(module.config).get("metrics")
     node = next((n for n in (cfg.metrics, run_metrics) if n is not None and n.get("_target_") == target), None)
     if node is None:
-        node = OmegaConf.structured(schema)
+        node = option_config("metrics", option)
         resize = OmegaConf.create(module.config)["dataset"].get("resize")
         if option == "digits_fd" and resize is not None:
             node.resize = DIGITS_METRIC_RESIZE[str(resize)]

@@ -32,7 +32,7 @@ from diffusion_lab.callbacks.checkpoint import (
 from diffusion_lab.callbacks.nan_guard import NonFiniteGuard
 from diffusion_lab.callbacks.progress import StepProgressBar, StepRichProgressBar
 from diffusion_lab.cli import CONFIG_DIR  # noqa: F401  (re-exported: tests compose the real configs)
-from diffusion_lab.config import NonFiniteAction, validate_config
+from diffusion_lab.config import validate_config
 from diffusion_lab.metrics import format_count
 from diffusion_lab.metrics.likelihood import bits_per_dim
 from diffusion_lab.module import (
@@ -43,6 +43,7 @@ from diffusion_lab.module import (
 )
 from diffusion_lab.plots import run_loss_vs_logsnr
 from diffusion_lab.resume import ResumePlan, ResumeRecord, plan_resume
+from diffusion_lab.schema.run import NonFiniteAction
 from diffusion_lab.tracking import build_loggers, finish_run, run_info, write_summary
 
 

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion_lab.callbacks import generate_in_batches
-from diffusion_lab.config import SCHEMAS
+from diffusion_lab.config import option_config, option_names
 from diffusion_lab.metrics.digits import DigitsFrechetDistance
 from diffusion_lab.module import load_module
 
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if module.num_classes is None:
         raise SystemExit(f"{args.ckpt} is an unconditional model; train one with experiment=digits_cfg")
     assert module.config is not None
-    if args.sampler not in SCHEMAS["sampler"]:
-        raise SystemExit(f"unknown --sampler {args.sampler!r}; valid choices: {sorted(SCHEMAS['sampler'])}")
-    schema = OmegaConf.structured(SCHEMAS["sampler"][args.sampler])
+    if args.sampler not in option_names("sampler"):
+        raise SystemExit(f"unknown --sampler {args.sampler!r}; valid choices: {sorted(option_names('sampler'))}")
+    schema = option_config("sampler", args.sampler)
     sampler = instantiate(OmegaConf.merge(schema, {"steps": args.steps, "clip_x0": 1.0}))
     dataset = instantiate(OmegaConf.create(module.config)["dataset"])
     dataset.setup("fit")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Annotated
 
 import lightning as L
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid
+
+from diffusion_lab.schema.domains import NON_NEGATIVE_INT, POSITIVE_INT
 
 MODALITIES = ("image", "points")
 
@@ -123,8 +126,8 @@ class DiffusionDataModule(L.LightningDataModule):
     def __init__(
         self,
         *,
-        batch_size: int,
-        num_workers: int,
+        batch_size: Annotated[int, POSITIVE_INT],
+        num_workers: Annotated[int, NON_NEGATIVE_INT],
         seed: int,
         data_shape: tuple[int, ...],
         num_classes: int | None,

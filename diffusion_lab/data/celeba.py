@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ from torchvision.datasets.utils import download_file_from_google_drive, extract_
 
 from diffusion_lab.data import files
 from diffusion_lab.data.base import DiffusionDataModule, TensorPairDataset, render_image_grid, uint8_to_unit
+from diffusion_lab.schema.choices import CelebACrop, CelebAValSplit
+from diffusion_lab.schema.domains import POSITIVE_INT
 
 BASE_FOLDER = CelebA.base_folder  # "celeba"
 IMAGE_FOLDER = "img_align_celeba"
@@ -109,9 +112,9 @@ class CelebADataModule(DiffusionDataModule):
         self,
         root: str = "data/celeba",
         download: bool = False,
-        resolution: int = 64,
-        crop: str = "ddim",
-        val_split: str = "valid",
+        resolution: Annotated[int, POSITIVE_INT] = 64,
+        crop: CelebACrop | str = CelebACrop.ddim,
+        val_split: CelebAValSplit | str = CelebAValSplit.valid,
         batch_size: int = 128,
         flip: bool = True,
         num_workers: int = 4,

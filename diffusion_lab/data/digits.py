@@ -7,6 +7,7 @@ Pixels are counts 0..16; we map them linearly to [-1, 1] (``v / 8 - 1``), so 0 (
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from diffusion_lab.data.base import DiffusionDataModule, TensorPairDataset, render_image_grid
+from diffusion_lab.schema.domains import FRACTION, POSITIVE_INT
 
 NATIVE_RESOLUTION = 8
 RESOLUTIONS = (8, 16, 32)
@@ -73,10 +75,10 @@ class DigitsDataModule(DiffusionDataModule):
 
     def __init__(
         self,
-        resolution: int = 16,
+        resolution: Annotated[int, POSITIVE_INT] = 16,
         resize: str = "pad",
         batch_size: int = 128,
-        val_fraction: float = 0.1,
+        val_fraction: Annotated[float, FRACTION] = 0.1,
         seed: int = 0,
         num_workers: int = 0,
         flip: bool = False,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ from diffusion_lab.data.base import (
     render_image_grid,
     uint8_to_unit,
 )
+from diffusion_lab.schema.choices import FolderCrop
+from diffusion_lab.schema.domains import FRACTION, POSITIVE_INT
 
 CROPS = ("center", "random")
 
@@ -133,11 +136,11 @@ class ImageFolderDataModule(DiffusionDataModule):
     def __init__(
         self,
         root: str = "data/images",
-        resolution: int = 64,
-        crop: str = "center",
+        resolution: Annotated[int, POSITIVE_INT] = 64,
+        crop: FolderCrop | str = FolderCrop.center,
         load_size: int | None = None,
         val_root: str | None = None,
-        val_fraction: float = 0.05,
+        val_fraction: Annotated[float, FRACTION] = 0.05,
         class_labels: bool = True,
         batch_size: int = 64,
         flip: bool = False,

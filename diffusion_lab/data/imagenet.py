@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from diffusion_lab.data.base import DiffusionDataModule, TensorPairDataset, render_image_grid, uint8_to_unit
+from diffusion_lab.schema.domains import POSITIVE_INT
 
 RESOLUTIONS = (32, 64)
 NUM_TRAIN_BATCHES = 10
@@ -72,7 +74,7 @@ class ImageNetDataModule(DiffusionDataModule):
     def __init__(
         self,
         root: str = "data/imagenet32",
-        resolution: int = 32,
+        resolution: Annotated[int, POSITIVE_INT] = 32,
         num_train_batches: int = NUM_TRAIN_BATCHES,
         batch_size: int = 128,
         flip: bool = True,

@@ -14,6 +14,7 @@ different (or no) digit.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torchvision.datasets import MNIST, FashionMNIST
 
 from diffusion_lab.data import files
 from diffusion_lab.data.base import DiffusionDataModule, TensorPairDataset, render_image_grid, uint8_to_unit
+from diffusion_lab.schema.choices import MNISTResize
 
 RESIZES = ("pad", "resize", "none")
 NATIVE, PADDED = 28, 32
@@ -67,7 +69,7 @@ class MNISTDataModule(DiffusionDataModule):
         self,
         root: str = "data/mnist",
         download: bool = False,
-        resize: str = "pad",
+        resize: MNISTResize | str = MNISTResize.pad,
         batch_size: int = 128,
         flip: bool = False,
         num_workers: int = 0,
@@ -162,15 +164,7 @@ class FashionMNISTDataModule(MNISTDataModule):
     reader = FashionMNIST
     title = "Fashion-MNIST"
 
-    def __init__(
-        self,
-        root: str = "data/fashion_mnist",
-        download: bool = False,
-        resize: str = "pad",
-        batch_size: int = 128,
-        flip: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        resize = files.choice(resize, RESIZES, "dataset.resize")  # a str in the saved hyperparameters
-        super().__init__(root, download, resize, batch_size, flip, num_workers, seed)
+    def __init__(self, root: str = "data/fashion_mnist", **options: Any) -> None:
+        if "resize" in options:  # a str in the saved hyperparameters (they collect this frame's options too)
+            options["resize"] = files.choice(options["resize"], RESIZES, "dataset.resize")
+        super().__init__(root, **options)

@@ -20,11 +20,14 @@ all mass low), 5/9 (plus) and 3π/16 (ring, hollow centre).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from diffusion_lab.data.base import DiffusionDataModule, TensorPairDataset, render_image_grid, uint8_to_unit
+from diffusion_lab.schema.domains import POSITIVE_INT
 
 SHAPES = ("square", "circle", "triangle", "plus", "ring")
 MIN_CONTRAST = 96  # the shape's colour differs from the background's by >= this in some channel (of 255)
@@ -111,9 +114,9 @@ class ShapesDataModule(DiffusionDataModule):
 
     def __init__(
         self,
-        num_train: int = 10_000,
-        num_val: int = 1_000,
-        resolution: int = 32,
+        num_train: Annotated[int, POSITIVE_INT] = 10_000,
+        num_val: Annotated[int, POSITIVE_INT] = 1_000,
+        resolution: Annotated[int, POSITIVE_INT] = 32,
         min_scale: float = 0.3,
         max_scale: float = 0.75,
         batch_size: int = 128,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from diffusion_lab.data.base import DiffusionDataModule, TensorPairDataset
+from diffusion_lab.schema.domains import POSITIVE_INT
 
 SampleFn = Callable[[int, torch.Generator], Tensor]
 LogProbFn = Callable[[Tensor], Tensor]
@@ -196,8 +198,8 @@ class Toy2DDataModule(DiffusionDataModule):
     def __init__(
         self,
         name: str = "swiss_roll",
-        num_train: int = 100_000,
-        num_val: int = 10_000,
+        num_train: Annotated[int, POSITIVE_INT] = 100_000,
+        num_val: Annotated[int, POSITIVE_INT] = 10_000,
         batch_size: int = 512,
         seed: int = 0,
         num_workers: int = 0,

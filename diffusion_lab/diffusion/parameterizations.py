@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.schedules import NoiseSchedule
+from diffusion_lab.schema.choices import NoiseConditioning
 
 # Continuous-time models see ``c_noise = 1000·t`` (Song et al. 2021 feed 999·t): the same range as
 # the integer timesteps of a T = 1000 discrete model, so a network's embedding works for both.
@@ -77,7 +78,7 @@ class Parameterization(ABC):
     defined_at_zero_snr: bool = False
     default_noise_conditioning: str = "time"
 
-    def __init__(self, noise_conditioning: str | None = None) -> None:
+    def __init__(self, noise_conditioning: NoiseConditioning | str | None = None) -> None:
         noise_conditioning = noise_conditioning or self.default_noise_conditioning
         if noise_conditioning not in NOISE_CONDITIONINGS:
             raise ValueError(
@@ -225,7 +226,7 @@ class EDMParameterization(Parameterization):
     defined_at_zero_snr = True
     default_noise_conditioning = "log_sigma"
 
-    def __init__(self, sigma_data: float = 0.5, noise_conditioning: str | None = None) -> None:
+    def __init__(self, sigma_data: float = 0.5, noise_conditioning: NoiseConditioning | str | None = None) -> None:
         super().__init__(noise_conditioning)
         if sigma_data <= 0:
             raise ValueError(f"parameterization.sigma_data must be > 0, got {sigma_data}")

@@ -5,10 +5,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.models.embeddings import ConditionEmbedding, _require
+from diffusion_lab.schema.domains import POSITIVE_INT, UNIT_OPEN, Domain
+from diffusion_lab.schema.signature import enforce_domains
 
 
 # The ADM residual block (Dhariwal & Nichol 2021 §3) with Linear layers in place of 3×3 convs.
@@ -51,22 +55,18 @@ class MLP(nn.Module):
         out_dim: output dimension (default ``dim``).
     """
 
+    @enforce_domains
     def __init__(
         self,
-        dim: int = 2,
-        hidden: int = 256,
-        num_layers: int = 4,
-        time_embed_dim: int = 128,
-        dropout: float = 0.0,
-        num_classes: int | None = None,
-        out_dim: int | None = None,
+        dim: Annotated[int, POSITIVE_INT] = 2,
+        hidden: Annotated[int, POSITIVE_INT] = 256,
+        num_layers: Annotated[int, POSITIVE_INT] = 4,
+        time_embed_dim: Annotated[int, Domain(lambda v: v >= 2, "an integer >= 2")] = 128,
+        dropout: Annotated[float, UNIT_OPEN] = 0.0,
+        num_classes: Annotated[int | None, POSITIVE_INT.or_null("unconditional")] = None,
+        out_dim: Annotated[int | None, POSITIVE_INT.or_null("= dim")] = None,
     ) -> None:
         super().__init__()
-        sizes = dict(dim=dim, hidden=hidden, num_layers=num_layers, out_dim=out_dim, num_classes=num_classes)
-        for name, value in sizes.items():
-            _require(value is None or value >= 1, f"MLP: {name} must be >= 1, got {value}")
-        _require(time_embed_dim >= 2, f"MLP: time_embed_dim must be >= 2, got {time_embed_dim}")
-        _require(0.0 <= dropout < 1.0, f"MLP: dropout must be in [0, 1), got {dropout}")
         self.dim = dim
         self.out_dim = dim if out_dim is None else out_dim
         self.num_classes = num_classes

@@ -8,12 +8,15 @@ norm (AdaGN), BigGAN-style residual up/down-sampling, class conditioning.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.models.embeddings import ConditionEmbedding, _require
+from diffusion_lab.schema.domains import POSITIVE_INT, POSITIVE_INTS, UNIT_OPEN
+from diffusion_lab.schema.signature import enforce_domains
 
 # Ho et al. 2020 use TF's group_norm default epsilon.
 _GN_EPS = 1e-6
@@ -155,18 +158,10 @@ class Upsample(EmbedBlock):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _check_positive(**values: int | None) -> None:
-    """Raise ValueError for any given integer argument that is not >= 1 (None is skipped)."""
-    for name, value in values.items():
-        _require(value is None or value >= 1, f"UNet: {name} must be >= 1, got {value}")
-
-
 def _validate_unet_args(unet: UNet) -> None:
     """Check the UNet hyper-parameters stored on ``unet``; raise ValueError naming the bad argument."""
     mult, levels = unet.channel_mult, len(unet.channel_mult)
     attention_resolutions, num_groups = unet.attention_resolutions, unet.num_groups
-    _require(levels >= 1, "UNet: channel_mult must be non-empty, got ()")
-    _require(all(m >= 1 for m in mult), f"UNet: channel_mult entries must be >= 1, got {mult}")
     _require(
         unet.resolution % 2 ** (levels - 1) == 0,
         f"UNet: resolution={unet.resolution} must be divisible by 2**(len(channel_mult)-1)="
@@ -179,7 +174,6 @@ def _validate_unet_args(unet: UNet) -> None:
         f"UNet: attention_resolutions contains {bad}, which the UNet never visits; valid values are "
         f"{visited} (resolution={unet.resolution}, channel_mult={mult})",
     )
-    _require(0.0 <= unet.dropout < 1.0, f"UNet: dropout must be in [0, 1), got {unet.dropout}")
     # Every channel count in the net (incl. skip concatenations) is a multiple of base_channels.
     _require(
         unet.base_channels % num_groups == 0,
@@ -219,29 +213,25 @@ class UNet(nn.Module):
         use_scale_shift_norm: condition with ``GN(h)·(1+scale)+shift`` (AdaGN) instead of addition.
     """
 
+    @enforce_domains
     def __init__(
         self,
-        in_channels: int = 3,
-        out_channels: int | None = None,
-        resolution: int = 32,
-        base_channels: int = 128,
-        channel_mult: Sequence[int] = (1, 2, 2, 2),
-        num_res_blocks: int = 2,
+        in_channels: Annotated[int, POSITIVE_INT] = 3,
+        out_channels: Annotated[int | None, POSITIVE_INT.or_null("= in_channels")] = None,
+        resolution: Annotated[int, POSITIVE_INT] = 32,
+        base_channels: Annotated[int, POSITIVE_INT] = 128,
+        channel_mult: Annotated[Sequence[int], POSITIVE_INTS] = (1, 2, 2, 2),
+        num_res_blocks: Annotated[int, POSITIVE_INT] = 2,
         attention_resolutions: Sequence[int] = (16,),
-        dropout: float = 0.1,
-        num_heads: int = 1,
-        num_head_channels: int | None = None,
-        num_groups: int = 32,
-        num_classes: int | None = None,
+        dropout: Annotated[float, UNIT_OPEN] = 0.1,
+        num_heads: Annotated[int, POSITIVE_INT] = 1,
+        num_head_channels: Annotated[int | None, POSITIVE_INT.or_null()] = None,
+        num_groups: Annotated[int, POSITIVE_INT] = 32,
+        num_classes: Annotated[int | None, POSITIVE_INT.or_null("unconditional")] = None,
         resblock_updown: bool = False,
         use_scale_shift_norm: bool = False,
     ) -> None:
         super().__init__()
-        _check_positive(
-            in_channels=in_channels, out_channels=out_channels, resolution=resolution,
-            base_channels=base_channels, num_res_blocks=num_res_blocks, num_heads=num_heads,
-            num_head_channels=num_head_channels, num_groups=num_groups, num_classes=num_classes,
-        )  # fmt: skip
         self.in_channels = in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
         self.resolution, self.base_channels = resolution, base_channels

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated, Any
 
 from torch import Tensor
 
 from diffusion_lab.samplers.base import (
+    Coefs,
     CountingDenoiser,
     Generator,
     Sampler,
     noise_like,
     posterior_coefficients,
 )
+from diffusion_lab.schema.domains import NON_NEGATIVE
+from diffusion_lab.schema.signature import enforce_domains
 
 
 # Song et al. 2021 eq. 12: x_r = α_r x̂0 + √(σ_r² − c²) ε̂ + c z, with c² = η² · β̃ (eq. 16).
@@ -21,29 +25,13 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def __init__(
-        self,
-        steps: int = 50,
-        grid: str = "uniform",
-        clip_x0: float | None = None,
-        eta: float = 0.0,
-        rho: float | None = None,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-    ) -> None:
-        super().__init__(steps, grid, clip_x0, rho, sigma_min, sigma_max)
-        if eta < 0:
-            raise ValueError(f"sampler.eta must be >= 0, got {eta}")
+    @enforce_domains
+    def __init__(self, steps: int = 50, *, eta: Annotated[float, NON_NEGATIVE] = 0.0, **options: Any) -> None:
+        super().__init__(steps, **options)
         self.eta = eta
 
     def step(
-        self,
-        model: CountingDenoiser,
-        x: Tensor,
-        t: float,
-        coefs: tuple[Tensor, Tensor, Tensor, Tensor],
-        y: Tensor | None,
-        generator: Generator,
+        self, model: CountingDenoiser, x: Tensor, t: float, coefs: Coefs, y: Tensor | None, generator: Generator
     ) -> Tensor:
         alpha_s, sigma_s, alpha_r, sigma_r = coefs
         _, _, posterior_var = posterior_coefficients(alpha_s, sigma_s, alpha_r, sigma_r)

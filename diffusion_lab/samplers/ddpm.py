@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffusion_lab.samplers.base import (
+    Coefs,
     CountingDenoiser,
     Generator,
     Sampler,
@@ -15,6 +17,7 @@ from diffusion_lab.samplers.base import (
     posterior_coefficients,
     transition_variance,
 )
+from diffusion_lab.schema.choices import DDPMVariance
 
 VARIANCES = ("small", "large", "learned")
 
@@ -27,30 +30,15 @@ class DDPMSampler(Sampler):
 
     name = "ddpm"
 
-    def __init__(
-        self,
-        steps: int = 1000,
-        grid: str = "uniform",
-        clip_x0: float | None = None,
-        variance: str = "small",
-        rho: float | None = None,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-    ) -> None:
-        super().__init__(steps, grid, clip_x0, rho, sigma_min, sigma_max)
+    def __init__(self, steps: int = 1000, *, variance: DDPMVariance | str = DDPMVariance.small, **options: Any) -> None:
+        super().__init__(steps, **options)
         variance = getattr(variance, "value", variance)  # a config enum member -> its name
         if variance not in VARIANCES:
             raise ValueError(f"unknown sampler.variance {variance!r}; valid choices: {list(VARIANCES)}")
         self.variance = variance
 
     def step(
-        self,
-        model: CountingDenoiser,
-        x: Tensor,
-        t: float,
-        coefs: tuple[Tensor, Tensor, Tensor, Tensor],
-        y: Tensor | None,
-        generator: Generator,
+        self, model: CountingDenoiser, x: Tensor, t: float, coefs: Coefs, y: Tensor | None, generator: Generator
     ) -> Tensor:
         alpha_s, sigma_s, alpha_r, sigma_r = coefs
         a, b, var = posterior_coefficients(alpha_s, sigma_s, alpha_r, sigma_r)

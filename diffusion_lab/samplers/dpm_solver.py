@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusion_lab.samplers.base import CountingDenoiser, Generator, Sampler, schedule_alpha_sigma
+from diffusion_lab.schema.choices import DPMSolverMethod
 
 METHODS = ("multistep", "singlestep")
 # diffusers' DPMSolverMultistepScheduler lowers the final orders only below this many steps.
@@ -153,16 +154,13 @@ class DPMSolverSampler(Sampler):
     def __init__(
         self,
         steps: int = 20,
-        grid: str = "uniform",
-        clip_x0: float | None = None,
+        *,
         order: int = 2,
-        method: str = "multistep",
+        method: DPMSolverMethod | str = DPMSolverMethod.multistep,
         lower_order_final: bool = True,
-        rho: float | None = None,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(steps, grid, clip_x0, rho, sigma_min, sigma_max)
+        super().__init__(steps, **options)
         method = getattr(method, "value", method)  # a config enum member -> its name
         if method not in METHODS:
             raise ValueError(f"unknown sampler.method {method!r}; valid choices: {list(METHODS)}")
@@ -172,13 +170,7 @@ class DPMSolverSampler(Sampler):
         self.order, self.method, self.lower_order_final = order, method, lower_order_final
 
     def solve(
-        self,
-        model: CountingDenoiser,
-        x: Tensor,
-        grid: Tensor,
-        y: Tensor | None,
-        generator: Generator,
-        progress: bool,
+        self, model: CountingDenoiser, x: Tensor, grid: Tensor, y: Tensor | None, generator: Generator, progress: bool
     ) -> Tensor:
         """Integrate the PF-ODE from ``grid[0]`` to ``grid[-1]``; deterministic (``generator`` is not used)."""
         nodes = GridNodes.of(model.schedule, grid)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from diffusion_lab.samplers.base import (
     schedule_alpha_sigma,
     schedule_t_from_log_snr,
 )
+from diffusion_lab.schema.choices import Grid, RKMethod
+from diffusion_lab.schema.domains import FINITE_NON_NEGATIVE, NON_NEGATIVE, POSITIVE
+from diffusion_lab.schema.signature import enforce_domains
 
 F64 = torch.float64
 # Heun takes Karras et al.'s trapezoid on steps with σ_e/σ_e' up to this ratio (HeunSampler.ode_step): EDM's 18-step
@@ -65,36 +69,24 @@ class ScaledODESampler(Sampler, ABC):
     default) is the deterministic Alg. 1. ``σ_e`` thresholds are in units of ``σ/α`` (EDM's σ).
     """
 
+    @enforce_domains
     def __init__(
         self,
         steps: int = 50,
-        grid: str = "uniform",
-        clip_x0: float | None = None,
-        rho: float | None = None,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        s_churn: float = 0.0,
+        *,
+        s_churn: Annotated[float, FINITE_NON_NEGATIVE] = 0.0,
         s_tmin: float = 0.0,
         s_tmax: float = math.inf,
-        s_noise: float = 1.0,
+        s_noise: Annotated[float, NON_NEGATIVE] = 1.0,
+        **options: Any,
     ) -> None:
-        super().__init__(steps, grid, clip_x0, rho, sigma_min, sigma_max)
-        if not (s_churn >= 0 and math.isfinite(s_churn)):
-            raise ValueError(f"sampler.s_churn must be a finite number >= 0, got {s_churn}")
+        super().__init__(steps, **options)
         if not 0 <= s_tmin <= s_tmax:
             raise ValueError(f"sampler needs 0 <= s_tmin <= s_tmax, got s_tmin={s_tmin}, s_tmax={s_tmax}")
-        if not s_noise >= 0:
-            raise ValueError(f"sampler.s_noise must be >= 0, got {s_noise}")
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
 
     def solve(
-        self,
-        model: CountingDenoiser,
-        x: Tensor,
-        grid: Tensor,
-        y: Tensor | None,
-        generator: Generator,
-        progress: bool,
+        self, model: CountingDenoiser, x: Tensor, grid: Tensor, y: Tensor | None, generator: Generator, progress: bool
     ) -> Tensor:
         alpha, sigma = schedule_alpha_sigma(model.schedule, grid)
         steps = grid.numel() - 1
@@ -185,17 +177,15 @@ class EDMSampler(HeunSampler):
     def __init__(
         self,
         steps: int = 256,
-        grid: str = "karras",
-        clip_x0: float | None = None,
-        rho: float | None = None,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
+        *,
+        grid: Grid | str = Grid.karras,
         s_churn: float = 40.0,
         s_tmin: float = 0.05,
         s_tmax: float = 50.0,
         s_noise: float = 1.003,
+        **options: Any,
     ) -> None:
-        super().__init__(steps, grid, clip_x0, rho, sigma_min, sigma_max, s_churn, s_tmin, s_tmax, s_noise)
+        super().__init__(steps, grid=grid, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, **options)
 
 
 RK_METHODS = ("RK45", "RK23", "DOP853")
@@ -250,32 +240,25 @@ class RK45Sampler(Sampler):
 
     name = "rk45"
 
+    @enforce_domains
     def __init__(
         self,
         rtol: float = 1e-5,
         atol: float = 1e-5,
-        method: str = "RK45",
-        sigma_stop: float = 1e-4,
+        method: RKMethod | str = RKMethod.RK45,
+        sigma_stop: Annotated[float, POSITIVE] = 1e-4,
         clip_x0: float | None = None,
     ) -> None:
         super().__init__(steps=1, grid="uniform", clip_x0=clip_x0)
-        if not (rtol > 0 and atol > 0):
+        if not (rtol > 0 and atol > 0):  # one rule on the pair
             raise ValueError(f"sampler tolerances must be > 0, got rtol={rtol}, atol={atol}")
         method = getattr(method, "value", method)  # a config enum member -> its name
         if method not in RK_METHODS:
             raise ValueError(f"unknown sampler.method {method!r}; valid choices: {list(RK_METHODS)}")
-        if not sigma_stop > 0:
-            raise ValueError(f"sampler.sigma_stop must be > 0, got {sigma_stop}")
         self.rtol, self.atol, self.method, self.sigma_stop = rtol, atol, method, sigma_stop
 
     def solve(
-        self,
-        model: CountingDenoiser,
-        x: Tensor,
-        grid: Tensor,
-        y: Tensor | None,
-        generator: Generator,
-        progress: bool,
+        self, model: CountingDenoiser, x: Tensor, grid: Tensor, y: Tensor | None, generator: Generator, progress: bool
     ) -> Tensor:
         t_0, t_1 = float(grid[0]), float(grid[-1])
         start, end = Point(t_0, *alpha_sigma_at(model, t_0)), Point(t_1, *alpha_sigma_at(model, t_1))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
@@ -28,6 +29,8 @@ from diffusion_lab.samplers.base import (
     posterior_coefficients,
     schedule_alpha_sigma,
 )
+from diffusion_lab.schema.domains import FINITE_POSITIVE, NON_NEGATIVE_INT
+from diffusion_lab.schema.signature import enforce_domains
 
 F64 = torch.float64
 
@@ -107,25 +110,11 @@ class EulerMaruyamaSampler(Sampler):
 
     name = "euler_maruyama"
 
-    def __init__(
-        self,
-        steps: int = 1000,
-        grid: str = "uniform",
-        clip_x0: float | None = None,
-        rho: float | None = None,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-    ) -> None:
-        super().__init__(steps, grid, clip_x0, rho, sigma_min, sigma_max)
+    def __init__(self, steps: int = 1000, **options: Any) -> None:
+        super().__init__(steps, **options)
 
     def solve(
-        self,
-        model: CountingDenoiser,
-        x: Tensor,
-        grid: Tensor,
-        y: Tensor | None,
-        generator: Generator,
-        progress: bool,
+        self, model: CountingDenoiser, x: Tensor, grid: Tensor, y: Tensor | None, generator: Generator, progress: bool
     ) -> Tensor:
         g, last = SDEGrid.on(model.schedule, grid), grid.numel() - 2
         for i in self.intervals(grid, progress):
@@ -144,32 +133,20 @@ class PCSampler(Sampler):
 
     name = "pc"
 
+    @enforce_domains
     def __init__(
         self,
         steps: int = 1000,
-        grid: str = "uniform",
-        clip_x0: float | None = None,
-        rho: float | None = None,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        snr: float = 0.16,
-        corrector_steps: int = 1,
+        *,
+        snr: Annotated[float, FINITE_POSITIVE] = 0.16,
+        corrector_steps: Annotated[int, NON_NEGATIVE_INT] = 1,
+        **options: Any,
     ) -> None:
-        super().__init__(steps, grid, clip_x0, rho, sigma_min, sigma_max)
-        if not (snr > 0 and math.isfinite(snr)):
-            raise ValueError(f"sampler.snr must be a finite number > 0, got {snr}")
-        if corrector_steps < 0:
-            raise ValueError(f"sampler.corrector_steps must be >= 0, got {corrector_steps}")
+        super().__init__(steps, **options)
         self.snr, self.corrector_steps = snr, corrector_steps
 
     def solve(
-        self,
-        model: CountingDenoiser,
-        x: Tensor,
-        grid: Tensor,
-        y: Tensor | None,
-        generator: Generator,
-        progress: bool,
+        self, model: CountingDenoiser, x: Tensor, grid: Tensor, y: Tensor | None, generator: Generator, progress: bool
     ) -> Tensor:
         g, last = SDEGrid.on(model.schedule, grid), grid.numel() - 2
         for i in self.intervals(grid, progress):

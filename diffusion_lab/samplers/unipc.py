@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,6 +48,7 @@ from diffusion_lab.samplers.dpm_solver import (
     linear_combination,
     multistep_weights,
 )
+from diffusion_lab.schema.choices import UniPCPredictor, UniPCVariant
 
 # Zhao et al. 2023, §3.1: B(h) = h (bh1) or e^h − 1 (bh2), here of the data-prediction form (positive, see above).
 B_FUNCTIONS: dict[str, Callable[[float], float]] = {
@@ -128,18 +130,15 @@ class UniPCSampler(Sampler):
     def __init__(
         self,
         steps: int = 20,
-        grid: str = "uniform",
-        clip_x0: float | None = None,
+        *,
         order: int = 2,
-        variant: str = "bh2",
-        predictor: str = "unip",
+        variant: UniPCVariant | str = UniPCVariant.bh2,
+        predictor: UniPCPredictor | str = UniPCPredictor.unip,
         corrector: bool = True,
         lower_order_final: bool = True,
-        rho: float | None = None,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(steps, grid, clip_x0, rho, sigma_min, sigma_max)
+        super().__init__(steps, **options)
         variant, predictor = getattr(variant, "value", variant), getattr(predictor, "value", predictor)
         if variant not in B_FUNCTIONS:
             raise ValueError(f"unknown sampler.variant {variant!r}; valid choices: {sorted(B_FUNCTIONS)}")
@@ -161,13 +160,7 @@ class UniPCSampler(Sampler):
         return orders
 
     def solve(
-        self,
-        model: CountingDenoiser,
-        x: Tensor,
-        grid: Tensor,
-        y: Tensor | None,
-        generator: Generator,
-        progress: bool,
+        self, model: CountingDenoiser, x: Tensor, grid: Tensor, y: Tensor | None, generator: Generator, progress: bool
     ) -> Tensor:
         """Integrate the PF-ODE from ``grid[0]`` to ``grid[-1]``; deterministic (``generator`` is not used)."""
         nodes = GridNodes.of(model.schedule, grid)

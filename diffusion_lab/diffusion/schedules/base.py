@@ -145,11 +145,6 @@ def _clamp01(t: Tensor) -> Tensor:
     return torch.where(t < 0, torch.zeros_like(t), torch.where(t > 1, torch.ones_like(t), t))
 
 
-def _check_num_timesteps(num_timesteps: int | None) -> None:
-    if num_timesteps is not None and num_timesteps < 1:
-        raise ValueError(f"schedule.num_timesteps must be a positive integer or None, got {num_timesteps}")
-
-
 class VarianceReduction:
     """Handle of :meth:`LearnedSchedule.variance_reduction`; call :meth:`set_loss` before ``backward()``."""
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from diffusion_lab.diffusion.schedules.base import NoiseSchedule, _clamp01
+from diffusion_lab.schema.domains import POSITIVE_INT
+from diffusion_lab.schema.signature import enforce_domains
 
 
 # Lin et al. 2024, Alg. 1: shift √ᾱ so that √ᾱ_T = 0, then scale so the first step keeps its √ᾱ_1.
@@ -47,10 +50,11 @@ class DiscreteBetaSchedule(NoiseSchedule):
 
     log_alpha_bar: Tensor  # (T + 1,), log ᾱ_i for i = 0..T; −∞ at T with zero_terminal_snr
 
-    def __init__(self, num_timesteps: int = 1000, discrete: bool = True, zero_terminal_snr: bool = False) -> None:
+    @enforce_domains
+    def __init__(
+        self, num_timesteps: Annotated[int, POSITIVE_INT] = 1000, discrete: bool = True, zero_terminal_snr: bool = False
+    ) -> None:
         super().__init__()
-        if num_timesteps < 1:
-            raise ValueError(f"schedule.num_timesteps must be a positive integer, got {num_timesteps}")
         betas = self.make_betas(num_timesteps).double()
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)

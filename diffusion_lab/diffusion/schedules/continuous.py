@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,10 @@ from diffusion_lab.diffusion.schedules.base import (
     NoiseSchedule,
     ScheduleDerivatives,
     VarianceReduction,
-    _check_num_timesteps,
     _clamp01,
 )
+from diffusion_lab.schema.domains import POSITIVE_INT
+from diffusion_lab.schema.signature import enforce_domains
 
 
 def _logsigmoid(x: float) -> float:
@@ -38,13 +40,14 @@ class SigmoidSchedule(NoiseSchedule):
     model evaluated at ``t = i/T``.
     """
 
+    @enforce_domains
     def __init__(
         self,
         start: float = -3.0,
         end: float = 3.0,
         tau: float = 1.0,
         clip_min: float = 1e-9,
-        num_timesteps: int | None = None,
+        num_timesteps: Annotated[int | None, POSITIVE_INT.or_null("continuous")] = None,
         zero_terminal_snr: bool = False,
     ) -> None:
         super().__init__()
@@ -52,7 +55,6 @@ class SigmoidSchedule(NoiseSchedule):
             raise ValueError(
                 f"sigmoid schedule needs start < end, tau > 0, 0 <= clip_min < 1; got {start}, {end}, {tau}, {clip_min}"
             )
-        _check_num_timesteps(num_timesteps)
         self.start, self.end, self.tau, self.clip_min = start, end, tau, clip_min
         self.num_timesteps = num_timesteps
         clip = 0.0 if zero_terminal_snr else clip_min
@@ -96,11 +98,16 @@ class VESchedule(NoiseSchedule):
     discrete-time model evaluated at ``t = i/T``.
     """
 
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, num_timesteps: int | None = None) -> None:
+    @enforce_domains
+    def __init__(
+        self,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        num_timesteps: Annotated[int | None, POSITIVE_INT.or_null("continuous")] = None,
+    ) -> None:
         super().__init__()
         if not 0.0 < sigma_min < sigma_max:
             raise ValueError(f"VE schedule needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        _check_num_timesteps(num_timesteps)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.num_timesteps = num_timesteps
         self._log_sigma_min = math.log(sigma_min)

@@ -6,11 +6,14 @@ Conventions (the reference distribution, what the weight means): see :mod:`diffu
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.schedules import NoiseSchedule
+from diffusion_lab.schema.domains import UNIT_OPEN
+from diffusion_lab.schema.signature import enforce_domains
 
 StateDict = dict[str, Tensor | int | float]
 
@@ -47,11 +50,6 @@ class TimeSampler(ABC):
         del state
 
 
-def _check_t_min(t_min: float) -> None:
-    if not 0.0 <= t_min < 1.0:
-        raise ValueError(f"time_sampler.t_min must be in [0, 1), got {t_min}")
-
-
 def _draw_bins(probs: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     """Bin of each uniform ``u ∈ [0, 1)`` under the ``(K,)`` bin probabilities ``probs``, and its weight.
 
@@ -69,8 +67,8 @@ class UniformTimeSampler(TimeSampler):
 
     name = "uniform"
 
-    def __init__(self, t_min: float = 1e-5) -> None:
-        _check_t_min(t_min)
+    @enforce_domains
+    def __init__(self, t_min: Annotated[float, UNIT_OPEN] = 1e-5) -> None:
         self.t_min = t_min
 
     def sample(

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.schedules import NoiseSchedule
-from diffusion_lab.diffusion.time_samplers.base import TimeSampler, _check_t_min, _draw_bins
+from diffusion_lab.diffusion.time_samplers.base import TimeSampler, _draw_bins
+from diffusion_lab.schema.domains import UNIT_OPEN
+from diffusion_lab.schema.signature import enforce_domains
 
 
 class DensityTimeSampler(TimeSampler):
@@ -35,8 +38,8 @@ class DensityTimeSampler(TimeSampler):
 
     mass_floor: float = 1e-6
 
-    def __init__(self, t_min: float = 1e-5, importance_weight: bool = True) -> None:
-        _check_t_min(t_min)
+    @enforce_domains
+    def __init__(self, t_min: Annotated[float, UNIT_OPEN] = 1e-5, importance_weight: bool = True) -> None:
         self.t_min = t_min
         self.importance_weight = importance_weight
 

@@ -7,11 +7,15 @@ buffers through :meth:`ImportanceTimeSampler.state_dict`.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.schedules import NoiseSchedule
-from diffusion_lab.diffusion.time_samplers.base import StateDict, TimeSampler, _check_t_min, _draw_bins
+from diffusion_lab.diffusion.time_samplers.base import StateDict, TimeSampler, _draw_bins
+from diffusion_lab.schema.domains import POSITIVE_INT, PROBABILITY, UNIT_OPEN
+from diffusion_lab.schema.signature import enforce_domains
 
 
 # Nichol & Dhariwal 2021 §3.3, eq. 18: p_t ∝ sqrt(E[L_t²]) over the last 10 losses of each t, 0.001 uniform mixed in.
@@ -32,12 +36,14 @@ class ImportanceTimeSampler(TimeSampler):
 
     name = "importance"
 
-    def __init__(self, history: int = 10, num_bins: int = 100, uniform_prob: float = 0.001, t_min: float = 1e-5):
-        _check_t_min(t_min)
-        if history < 1 or num_bins < 1:
-            raise ValueError(f"time_sampler.history and num_bins must be >= 1, got {history}, {num_bins}")
-        if not 0.0 <= uniform_prob <= 1.0:
-            raise ValueError(f"time_sampler.uniform_prob must be in [0, 1], got {uniform_prob}")
+    @enforce_domains
+    def __init__(
+        self,
+        history: Annotated[int, POSITIVE_INT] = 10,
+        num_bins: Annotated[int, POSITIVE_INT] = 100,
+        uniform_prob: Annotated[float, PROBABILITY] = 0.001,
+        t_min: Annotated[float, UNIT_OPEN] = 1e-5,
+    ) -> None:
         self.history, self.num_bins, self.uniform_prob, self.t_min = history, num_bins, uniform_prob, t_min
         self._discrete_T = 0  # T of a discrete schedule, 0 for continuous; fixed by the first schedule seen
         self._losses: Tensor | None = None  # (K, history) float32 ring buffers
