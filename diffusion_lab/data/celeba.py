@@ -174,18 +174,10 @@ class CelebADataModule(DiffusionDataModule):
                     download_file_from_google_drive(file_id, str(self.folder), filename, md5)
                 extract_archive(str(self.folder / ARCHIVE))
         except Exception as err:  # no gdown, quota exceeded, URLError, timeouts, md5 mismatch ...
-            raise RuntimeError(
-                f"Downloading CelebA to {self.folder} failed ({type(err).__name__}: {err}). "
-                + self._fix_hint(download_failed=True)
-            ) from err
+            raise files.download_failed("CelebA", self.folder, err, self._fix_hint(download_failed=True)) from err
 
     def _check_files(self) -> None:
-        missing = self._missing()
-        if missing:
-            raise FileNotFoundError(
-                f"CelebA not found: {self.folder} lacks {', '.join(missing)}. {self._fix_hint()} "
-                "(With a Trainer, download happens in prepare_data(); call it before setup() by hand.)"
-            )
+        files.require_files("CelebA", self.folder, self._missing(), self._fix_hint())
 
     def _split_paths(self, split: str) -> list[Path]:
         """The image files of one partition, in the partition file's order; all must exist."""

@@ -24,7 +24,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from diffusion_lab.data.base import DiffusionDataModule, TensorPairDataset, render_image_grid, uint8_to_unit
-from diffusion_lab.data.files import DOWNLOAD_TIMEOUT_S, socket_timeout
+from diffusion_lab.data.files import DOWNLOAD_TIMEOUT_S, download_failed, require_files, socket_timeout
 
 BASE_FOLDER = CIFAR10.base_folder  # "cifar-10-batches-py"
 MD5 = dict(CIFAR10.train_list + CIFAR10.test_list) | {str(CIFAR10.meta["filename"]): str(CIFAR10.meta["md5"])}
@@ -143,18 +143,12 @@ class CIFAR10DataModule(DiffusionDataModule):
                     CIFAR10.url, str(self.folder.parent), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
                 )
         except Exception as err:  # URLError, OSError, timeouts, a bad archive md5 ...
-            raise RuntimeError(
-                f"Downloading CIFAR-10 to {self.folder.parent} failed ({type(err).__name__}: {err}). "
-                + _fix_hint(self.folder, download_failed=True)
-            ) from err
+            hint = _fix_hint(self.folder, download_failed=True)
+            raise download_failed("CIFAR-10", self.folder.parent, err, hint) from err
 
     def _check_files(self) -> None:
         missing = [name for name in FILES if not (self.folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"CIFAR-10 not found: {self.folder} lacks {', '.join(missing)}. {_fix_hint(self.folder)} "
-                "(With a Trainer, download happens in prepare_data(); call it before setup() by hand.)"
-            )
+        require_files("CIFAR-10", self.folder, missing, _fix_hint(self.folder))
         if not files_intact(self.folder, self.verify_md5):
             raise RuntimeError(
                 f"CIFAR-10 files in {self.folder} fail torchvision's md5 check (corrupted or not "

@@ -34,6 +34,20 @@ def socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
+def require_files(title: str, folder: Path, missing: Sequence[str], hint: str) -> None:
+    """Raise FileNotFoundError naming the files of dataset ``title`` missing from ``folder`` and how to get them."""
+    if missing:
+        raise FileNotFoundError(
+            f"{title} not found: {folder} lacks {', '.join(missing)}. {hint} "
+            "(With a Trainer, download happens in prepare_data(); call it before setup() by hand.)"
+        )
+
+
+def download_failed(title: str, folder: Path, err: Exception, hint: str) -> RuntimeError:
+    """The error for a failed download of ``title`` to ``folder`` (raise it ``from err``)."""
+    return RuntimeError(f"Downloading {title} to {folder} failed ({type(err).__name__}: {err}). {hint}")
+
+
 def choice(value: object, choices: Sequence[str], key: str) -> str:
     """The option name of ``value`` (a str or a str-valued Enum from the config), checked against ``choices``."""
     name = str(getattr(value, "value", value))

@@ -118,18 +118,10 @@ class MNISTDataModule(DiffusionDataModule):
             with files.socket_timeout(files.DOWNLOAD_TIMEOUT_S):
                 self.reader(str(self.folder.parent.parent), train=False, download=True)
         except Exception as err:  # URLError, timeouts, md5 mismatch, a bad archive ...
-            raise RuntimeError(
-                f"Downloading {self.title} to {self.folder} failed ({type(err).__name__}: {err}). "
-                + self._fix_hint(download_failed=True)
-            ) from err
+            raise files.download_failed(self.title, self.folder, err, self._fix_hint(download_failed=True)) from err
 
     def _check_files(self) -> None:
-        missing = self._missing()
-        if missing:
-            raise FileNotFoundError(
-                f"{self.title} not found: {self.folder} lacks {', '.join(missing)}. {self._fix_hint()} "
-                "(With a Trainer, download happens in prepare_data(); call it before setup() by hand.)"
-            )
+        files.require_files(self.title, self.folder, self._missing(), self._fix_hint())
 
     def _load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         """Read one split: (x (N, 1, 28, 28) uint8, y (N,) long)."""

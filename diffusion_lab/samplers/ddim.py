@@ -33,8 +33,8 @@ class DDIMSampler(Sampler):
     def step(
         self, model: CountingDenoiser, x: Tensor, t: float, coefs: Coefs, y: Tensor | None, generator: Generator
     ) -> Tensor:
+        posterior_var = posterior_coefficients(*coefs)[2]
         alpha_s, sigma_s, alpha_r, sigma_r = coefs
-        _, _, posterior_var = posterior_coefficients(alpha_s, sigma_s, alpha_r, sigma_r)
         c2 = min(self.eta**2 * posterior_var, float(sigma_r**2))
         x0_hat = model(x, t, y)
         eps_hat = (x - float(alpha_s) * x0_hat) / float(sigma_s)

@@ -29,11 +29,7 @@ class TimeSampler(ABC):
 
     @abstractmethod
     def sample(
-        self,
-        batch_size: int,
-        schedule: NoiseSchedule,
-        device: torch.device,
-        generator: torch.Generator | None = None,
+        self, batch_size: int, schedule: NoiseSchedule, device: torch.device, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """``t ∈ (0, 1]`` and the importance weight ``p_ref(t)/p(t)``."""
 
@@ -72,11 +68,7 @@ class UniformTimeSampler(TimeSampler):
         self.t_min = t_min
 
     def sample(
-        self,
-        batch_size: int,
-        schedule: NoiseSchedule,
-        device: torch.device,
-        generator: torch.Generator | None = None,
+        self, batch_size: int, schedule: NoiseSchedule, device: torch.device, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         T = schedule.num_timesteps
         if T is not None:

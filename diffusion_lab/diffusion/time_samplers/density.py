@@ -73,11 +73,7 @@ class DensityTimeSampler(TimeSampler):
         return (1.0 - self.mass_floor) * mass + self.mass_floor / T
 
     def sample(
-        self,
-        batch_size: int,
-        schedule: NoiseSchedule,
-        device: torch.device,
-        generator: torch.Generator | None = None,
+        self, batch_size: int, schedule: NoiseSchedule, device: torch.device, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         t, weight = self._draw(batch_size, schedule, device, generator)
         return t, (weight if self.importance_weight else torch.ones_like(weight))

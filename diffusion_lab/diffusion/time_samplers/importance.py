@@ -83,11 +83,7 @@ class ImportanceTimeSampler(TimeSampler):
         return (1.0 - self.uniform_prob) * rms / rms.sum() + self.uniform_prob * uniform
 
     def sample(
-        self,
-        batch_size: int,
-        schedule: NoiseSchedule,
-        device: torch.device,
-        generator: torch.Generator | None = None,
+        self, batch_size: int, schedule: NoiseSchedule, device: torch.device, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         self._allocate(schedule, device)
         probs = self.probabilities().to(device)
