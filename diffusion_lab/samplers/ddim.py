@@ -7,14 +7,7 @@ from typing import Annotated, Any
 
 from torch import Tensor
 
-from diffusion_lab.samplers.base import (
-    Coefs,
-    CountingDenoiser,
-    Generator,
-    Sampler,
-    noise_like,
-    posterior_coefficients,
-)
+from diffusion_lab.samplers.base import Coefs, CountingDenoiser, Generator, Sampler, noise_like, posterior_coefficients
 from diffusion_lab.schema.domains import NON_NEGATIVE
 from diffusion_lab.schema.signature import enforce_domains
 
