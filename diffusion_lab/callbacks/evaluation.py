@@ -77,7 +77,12 @@ def generate_in_batches(
     out = generate_indices(
         module, range(num_samples), batch_size, seed, sampler, use_ema, progress, class_labels, guidance_scale
     )
-    return out, num_samples / max(time.perf_counter() - start, 1e-9)
+    return out, samples_per_second(num_samples, start)
+
+
+def samples_per_second(num_samples: int, start: float) -> float:
+    """The sampling rate of ``num_samples`` samples drawn since ``start`` (a ``time.perf_counter()`` reading)."""
+    return num_samples / max(time.perf_counter() - start, 1e-9)
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> range:
@@ -124,8 +129,7 @@ def generate_sharded(
     if module.num_classes is not None:  # decided by the model, not the shard: an empty shard still gathers
         y_local = out.y if out.y is not None else torch.empty(0, dtype=torch.long)
         y = _gather_strided(module, y_local, num_samples, world_size)
-    rate = num_samples / max(time.perf_counter() - start, 1e-9)
-    return Generation(x0, out.nfe, y=y, guidance_scale=guidance_scale), rate
+    return Generation(x0, out.nfe, y=y, guidance_scale=guidance_scale), samples_per_second(num_samples, start)
 
 
 def guidance_suffix(guidance_scale: float | None) -> str:
