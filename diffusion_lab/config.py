@@ -86,13 +86,12 @@ def check_domains(cfg: DictConfig, prefix: str = "") -> None:
     schema = OmegaConf.get_type(cfg)
     rules = domain_rules(schema) if isinstance(schema, type) and dataclasses.is_dataclass(schema) else {}
     for key in map(str, cfg):
-        if OmegaConf.is_missing(cfg, key):
-            continue
-        value = cfg[key]
-        if isinstance(value, DictConfig):
-            check_domains(value, f"{prefix}{key}.")
-        elif key in rules and (error := rules[key].message(f"{prefix}{key}", value)) is not None:
-            raise ConfigError(error)
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_interpolation():
+            check_domains(node, f"{prefix}{key}.")
+        elif key in rules and not OmegaConf.is_missing(cfg, key):  # only ruled values are read (resolved)
+            if (error := rules[key].message(f"{prefix}{key}", cfg[key])) is not None:
+                raise ConfigError(error)
 
 
 def _check_unet_shape(model: DictConfig) -> None:
