@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid
 
 from diffusion_lab.schema.domains import NON_NEGATIVE_INT, POSITIVE_INT
+from diffusion_lab.schema.signature import enforce_domains
 
 MODALITIES = ("image", "points")
 
@@ -123,6 +124,7 @@ class DiffusionDataModule(L.LightningDataModule):
         modality: "image" or "points".
     """
 
+    @enforce_domains
     def __init__(
         self,
         *,
@@ -134,10 +136,6 @@ class DiffusionDataModule(L.LightningDataModule):
         modality: str,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
