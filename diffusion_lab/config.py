@@ -89,9 +89,10 @@ def check_domains(cfg: DictConfig, prefix: str = "") -> None:
         node = cfg._get_node(key)
         if isinstance(node, DictConfig) and not node._is_interpolation():
             check_domains(node, f"{prefix}{key}.")
-        elif key in rules and not OmegaConf.is_missing(cfg, key):  # only ruled values are read (resolved)
-            if (error := rules[key].message(f"{prefix}{key}", cfg[key])) is not None:
-                raise ConfigError(error)
+        elif key not in rules or OmegaConf.is_missing(cfg, key):
+            continue  # only the values a rule covers are read (resolving their interpolations)
+        elif (error := rules[key].message(f"{prefix}{key}", cfg[key])) is not None:
+            raise ConfigError(error)
 
 
 def _check_unet_shape(model: DictConfig) -> None:
