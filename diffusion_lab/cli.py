@@ -86,7 +86,7 @@ def train_main(cfg: DictConfig) -> float | None:
 
     route_lightning_logs()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    metrics = train(cfg, run_dir)
+    metrics = train(cfg, run_dir, validated=True)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print(json.dumps({k: v for k, v in metrics.items() if k != "protocol"}, indent=2, sort_keys=True))
         log.info("run directory: %s", run_dir)  # also in <run>/train.log, with Lightning's own messages

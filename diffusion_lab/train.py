@@ -135,9 +135,11 @@ def conditioning_protocol(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run one training job in ``run_dir``; returns the final metrics."""
-    validate_config(cfg)
+def train(cfg: DictConfig, run_dir: Path, validated: bool = False) -> dict[str, Any]:
+    """Run one training job in ``run_dir``; returns the final metrics. ``validated``: the caller (``dlab-train``) has
+    already run :func:`validate_config` on ``cfg``."""
+    if not validated:
+        validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
     set_num_classes(cfg, datamodule.num_classes)  # cond.enabled=true: the network conditions on the labels

@@ -2,7 +2,7 @@
 
     python scripts/sampler_nfe.py outputs/digits/<run>/checkpoints/last.ckpt --out multirun/sampler_nfe
     python scripts/sampler_nfe.py <ckpt> --samplers ddim euler heun dpm_solver --steps 5 10 20 50 --num-samples 1000
-    python scripts/make_plots.py multirun/sampler_nfe --nfe --by sampler --metric 'val/fd_digits@*'
+    python scripts/make_plots.py multirun/sampler_nfe --by sampler --metric 'val/fd_digits@*'
     python scripts/make_table.py multirun/sampler_nfe --rows sampler --cols steps --metric 'val/fd_digits@*'
 
 Writes one run directory per (sampler, steps), ``<out>/<sampler>_steps<N>/summary.json`` and a W&B run
