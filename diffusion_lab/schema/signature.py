@@ -8,8 +8,11 @@ options) is declared once, in the base class.
 
 The source is parsed with :mod:`ast` instead of importing the class, so composing and validating a config never
 imports torch or Lightning (a typo is reported in about a second). Names an annotation uses must come from
-:mod:`typing`, the builtins, :mod:`diffusion_lab.schema.choices` or :mod:`diffusion_lab.schema.domains`; any other
-type (a tensor, a schedule object) becomes ``Any``.
+:mod:`typing`, the builtins, :mod:`diffusion_lab.schema.choices` or :mod:`diffusion_lab.schema.domains`. A
+parameter of any other type (a tensor, a callable, a schedule object) is an object, not a setting: with a default it
+is left out of the schema (the code that builds the class hands it over), without one it is an untyped node the
+YAML fills (``ShiftedSchedule.base``). ``Enum | str`` (an enum that also takes its values as strings) is the enum,
+and a parameter a subclass re-declares only to change its default keeps the base class's rule.
 """
 
 from __future__ import annotations
@@ -52,8 +55,11 @@ def _module_source(module: str) -> tuple[ast.Module, bool]:
     """The parsed source of ``module`` and whether it is a package, found on disk without importing it."""
     top, *rest = module.split(".")
     spec = importlib.util.find_spec(top)  # imports nothing below the top-level package
+    origin = Path(spec.origin) if spec is not None and spec.origin else None
+    if spec is not None and not spec.submodule_search_locations and not rest and origin and origin.suffix == ".py":
+        return ast.parse(origin.read_text(encoding="utf-8"), str(origin)), False  # a top-level module's file
     if spec is None or not spec.submodule_search_locations:
-        raise SchemaError(f"cannot find the package of {module!r}")
+        raise SchemaError(f"cannot find the source of {module!r}")
     path = Path(next(iter(spec.submodule_search_locations))).joinpath(*rest)
     for file, is_package in ((path / "__init__.py", True), (path.with_suffix(".py"), False)):
         if file.is_file():
@@ -86,8 +92,14 @@ def _find_class(module: str, name: str) -> tuple[str, ast.ClassDef]:
 
 
 def _resolve_base(module: str, base: ast.expr) -> tuple[str, ast.ClassDef] | None:
-    """A base class defined in this project (None for outside ones such as ``nn.Module``)."""
+    """A base class defined in this project or the option's own package (None for outside ones such as
+    ``nn.Module`` or ``LightningDataModule``, whose parameters are not settings)."""
     if not isinstance(base, ast.Name):
+        return None
+    tree, is_package = _module_source(module)
+    imported = [_absolute(module, is_package, s) for s in tree.body if isinstance(s, ast.ImportFrom)
+                and any((a.asname or a.name) == base.id for a in s.names)]  # fmt: skip
+    if imported and imported[0].split(".")[0] not in {module.split(".")[0], __name__.split(".")[0]}:
         return None
     try:
         return _find_class(module, base.id)
