@@ -37,7 +37,7 @@ from torchvision.datasets.utils import download_file_from_google_drive, extract_
 
 from diffusion_lab.data import files
 from diffusion_lab.data.base import DiffusionDataModule, TensorPairDataset, render_image_grid, uint8_to_unit
-from diffusion_lab.schema.choices import CelebACrop, CelebAValSplit
+from diffusion_lab.schema.choices import CelebACrop, CelebAValSplit, values
 from diffusion_lab.schema.domains import POSITIVE_INT
 
 BASE_FOLDER = CelebA.base_folder  # "celeba"
@@ -46,7 +46,7 @@ PARTITION_FILE = "list_eval_partition.txt"
 ARCHIVE = "img_align_celeba.zip"
 CACHE_FOLDER = "diffusion_lab_cache"
 PARTITIONS = {"train": 0, "valid": 1, "test": 2}
-VAL_SPLITS = ("valid", "test")
+VAL_SPLITS = values(CelebAValSplit)
 # Crop boxes (left, top, right, bottom) on the 178x218 aligned images.
 CROPS = {
     "ddim": (25, 57, 25 + 128, 57 + 128),  # Song, Meng & Ermon 2021: cx, cy = 89, 121, side 128

@@ -37,10 +37,10 @@ from diffusion_lab.data.base import (
     render_image_grid,
     uint8_to_unit,
 )
-from diffusion_lab.schema.choices import FolderCrop
+from diffusion_lab.schema.choices import FolderCrop, values
 from diffusion_lab.schema.domains import FRACTION, POSITIVE_INT
 
-CROPS = ("center", "random")
+CROPS = values(FolderCrop)
 
 
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:

@@ -24,9 +24,9 @@ from torchvision.datasets import MNIST, FashionMNIST
 
 from diffusion_lab.data import files
 from diffusion_lab.data.base import DiffusionDataModule, TensorPairDataset, render_image_grid, uint8_to_unit
-from diffusion_lab.schema.choices import MNISTResize
+from diffusion_lab.schema.choices import MNISTResize, values
 
-RESIZES = ("pad", "resize", "none")
+RESIZES = values(MNISTResize)
 NATIVE, PADDED = 28, 32
 IDX_FILES = (
     "train-images-idx3-ubyte",

@@ -23,14 +23,14 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.schedules import NoiseSchedule
-from diffusion_lab.schema.choices import NoiseConditioning
+from diffusion_lab.schema.choices import NoiseConditioning, values
 
 # Continuous-time models see ``c_noise = 1000·t`` (Song et al. 2021 feed 999·t): the same range as
 # the integer timesteps of a T = 1000 discrete model, so a network's embedding works for both.
 CONTINUOUS_TIME_SCALE = 1000.0
 # λ-based conditionings are clamped here so λ = ±∞ at the ends of a grid stays finite.
 LOG_SNR_CLAMP = 30.0
-NOISE_CONDITIONINGS = ("time", "log_snr", "log_sigma")
+NOISE_CONDITIONINGS = values(NoiseConditioning)
 
 
 def expand_like(coef: Tensor, x: Tensor) -> Tensor:

@@ -17,9 +17,9 @@ from diffusion_lab.samplers.base import (
     posterior_coefficients,
     transition_variance,
 )
-from diffusion_lab.schema.choices import DDPMVariance
+from diffusion_lab.schema.choices import DDPMVariance, values
 
-VARIANCES = ("small", "large", "learned")
+VARIANCES = values(DDPMVariance)
 
 
 # Ho et al. 2020 Alg. 2 with σ_t² = β̃_t ("small") or β_t ("large"); on a respaced grid the step's

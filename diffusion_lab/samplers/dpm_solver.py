@@ -36,9 +36,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusion_lab.samplers.base import CountingDenoiser, Generator, Sampler, schedule_alpha_sigma
-from diffusion_lab.schema.choices import DPMSolverMethod
+from diffusion_lab.schema.choices import DPMSolverMethod, values
 
-METHODS = ("multistep", "singlestep")
+METHODS = values(DPMSolverMethod)
 # diffusers' DPMSolverMultistepScheduler lowers the final orders only below this many steps.
 LOWER_ORDER_FINAL_BELOW = 15
 # A third-order multistep step extrapolates the quadratic through the last three x̂0 over h_i; more than this many

@@ -31,7 +31,7 @@ from diffusion_lab.samplers.base import (
     schedule_alpha_sigma,
     schedule_t_from_log_snr,
 )
-from diffusion_lab.schema.choices import Grid, RKMethod
+from diffusion_lab.schema.choices import Grid, RKMethod, values
 from diffusion_lab.schema.domains import FINITE_NON_NEGATIVE, NON_NEGATIVE, POSITIVE
 from diffusion_lab.schema.signature import enforce_domains
 
@@ -188,7 +188,7 @@ class EDMSampler(HeunSampler):
         super().__init__(steps, grid=grid, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, **options)
 
 
-RK_METHODS = ("RK45", "RK23", "DOP853")
+RK_METHODS = values(RKMethod)
 
 
 class AngleODE:

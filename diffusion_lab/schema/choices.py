@@ -9,6 +9,11 @@ from __future__ import annotations
 from enum import Enum
 
 
+def values(choices: type[Enum]) -> tuple[str, ...]:
+    """The values of an enum of choices, in declaration order (what a constructor checks a string against)."""
+    return tuple(str(member.value) for member in choices)
+
+
 class NoiseConditioning(str, Enum):
     time = "time"  # integer timestep (discrete) or 1000·t (continuous)
     log_snr = "log_snr"  # λ
