@@ -76,9 +76,13 @@ def register_configs() -> None:
     for group in OPTION_GROUPS:
         for name in option_names(group):
             cs.store(group=f"schema/{group}", name=name, node=option_schema(group, name))
-    for name, node in (("train", TrainConfig), ("sample", SampleConfig), ("evaluate", EvaluateConfig)):
+    for name, node in (
+        ("train", TrainConfig),
+        ("sample", SampleConfig),
+        ("evaluate", EvaluateConfig),
+        ("tune_grid", TuneGridConfig),
+    ):
         cs.store(name=f"{name}_schema", node=node)
-    cs.store(name="tune_grid_schema", node=TuneGridConfig)
 
 
 def check_domains(cfg: DictConfig, prefix: str = "") -> None:

@@ -77,17 +77,24 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _find_class(module: str, name: str) -> tuple[str, ast.ClassDef]:
-    """The class statement of ``module.name``, following ``from … import name`` re-exports."""
+def _imported(module: str, name: str) -> tuple[str, str] | None:
+    """``(source module, name there)`` of the top-level ``from … import`` that binds ``name`` in ``module``."""
     tree, is_package = _module_source(module)
-    for stmt in tree.body:
-        if isinstance(stmt, ast.ClassDef) and stmt.name == name:
-            return module, stmt
     for stmt in tree.body:
         if isinstance(stmt, ast.ImportFrom):
             for alias in stmt.names:
                 if (alias.asname or alias.name) == name:
-                    return _find_class(_absolute(module, is_package, stmt), alias.name)
+                    return _absolute(module, is_package, stmt), alias.name
+    return None
+
+
+def _find_class(module: str, name: str) -> tuple[str, ast.ClassDef]:
+    """The class statement of ``module.name``, following ``from … import name`` re-exports."""
+    for stmt in _module_source(module)[0].body:
+        if isinstance(stmt, ast.ClassDef) and stmt.name == name:
+            return module, stmt
+    if (source := _imported(module, name)) is not None:
+        return _find_class(*source)
     raise SchemaError(f"class {name!r} not found in {module}")
 
 
@@ -96,10 +103,8 @@ def _resolve_base(module: str, base: ast.expr) -> tuple[str, ast.ClassDef] | Non
     ``nn.Module`` or ``LightningDataModule``, whose parameters are not settings)."""
     if not isinstance(base, ast.Name):
         return None
-    tree, is_package = _module_source(module)
-    imported = [_absolute(module, is_package, s) for s in tree.body if isinstance(s, ast.ImportFrom)
-                and any((a.asname or a.name) == base.id for a in s.names)]  # fmt: skip
-    if imported and imported[0].split(".")[0] not in {module.split(".")[0], __name__.split(".")[0]}:
+    source = _imported(module, base.id)
+    if source is not None and source[0].split(".")[0] not in {module.split(".")[0], __name__.split(".")[0]}:
         return None
     try:
         return _find_class(module, base.id)
@@ -111,14 +116,18 @@ def _resolve_base(module: str, base: ast.expr) -> tuple[str, ast.ClassDef] | Non
 _OBJECT = object()
 
 
+def _free_names(node: ast.expr) -> set[str]:
+    """The names an expression reads (a lambda's own arguments excluded)."""
+    bound = {a.arg for n in ast.walk(node) if isinstance(n, ast.Lambda) for a in n.args.args}
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} - bound
+
+
 def _evaluate(node: ast.expr | None, where: str) -> Any:
     """An annotation as a type; names outside :data:`_NAMESPACE` make it :data:`_OBJECT`. An enum that also admits
     its values as strings (``Grid | str``) is the enum."""
     if node is None:
         return Any
-    bound = {a.arg for n in ast.walk(node) if isinstance(n, ast.Lambda) for a in n.args.args}
-    names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} - bound
-    if not names <= _NAMESPACE.keys():
+    if not _free_names(node) <= _NAMESPACE.keys():
         return _OBJECT
     try:
         annotation = eval(compile(ast.Expression(node), where, "eval"), dict(_NAMESPACE))
@@ -134,16 +143,14 @@ def _evaluate(node: ast.expr | None, where: str) -> Any:
 def _constant(module: str, name: str) -> Any:
     """The literal value of the top-level constant ``name`` of ``module`` (followed through imports within the
     project); ``KeyError`` if there is none."""
-    tree, is_package = _module_source(module)
-    for stmt in tree.body:
+    for stmt in _module_source(module)[0].body:
         if isinstance(stmt, ast.Assign | ast.AnnAssign) and stmt.value is not None:
             targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
             if any(isinstance(t, ast.Name) and t.id == name for t in targets):
                 return ast.literal_eval(stmt.value)
-        if isinstance(stmt, ast.ImportFrom) and any((a.asname or a.name) == name for a in stmt.names):
-            source = _absolute(module, is_package, stmt)
-            if source.split(".")[0] == module.split(".")[0]:
-                return _constant(source, next(a.name for a in stmt.names if (a.asname or a.name) == name))
+    source = _imported(module, name)
+    if source is not None and source[0].split(".")[0] == module.split(".")[0]:
+        return _constant(*source)
     raise KeyError(name)
 
 
@@ -152,8 +159,8 @@ def _default(node: ast.expr | None, module: str, where: str) -> Any:
     if node is None:
         return MISSING
     try:
-        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} - _NAMESPACE.keys()
-        namespace = {**_NAMESPACE, **{name: _constant(module, name) for name in names}}
+        constants = {name: _constant(module, name) for name in _free_names(node) - _NAMESPACE.keys()}
+        namespace = {**_NAMESPACE, **constants}
         return eval(compile(ast.Expression(node), where, "eval"), namespace)
     except Exception as err:
         raise SchemaError(f"{where}: the default {ast.unparse(node)!r} is not a config value: {err}") from err
