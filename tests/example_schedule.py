@@ -1,8 +1,10 @@
-"""The README's worked example of adding an option: a schedule is one class (this file) and one YAML file."""
+"""The README's worked example of adding an option (a schedule is one class, this file, and one YAML file), and an
+option whose base class lies outside the project (tests/test_schema.py)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 from torch import Tensor
 
@@ -36,3 +38,11 @@ class LinearLogSNRSchedule(NoiseSchedule):
     def t_from_log_snr(self, log_snr: Tensor, iters: int = 60) -> Tensor:
         """The exact inverse of :meth:`log_snr`, clamped to ``[0, 1]``."""
         return ((log_snr - self.log_snr_max) / (self.log_snr_min - self.log_snr_max)).clamp(0.0, 1.0)
+
+
+class EncoderOptions(json.JSONEncoder):
+    """An option whose base class is outside the project: its ``**options`` are not settings of ours."""
+
+    def __init__(self, depth: int = 1, **options: Any) -> None:
+        super().__init__(**options)
+        self.depth = depth

@@ -95,3 +95,8 @@ def test_a_config_node_with_an_out_of_range_value_names_the_full_key():
     cfg.sampler.steps = 0
     with pytest.raises(config.ConfigError, match=r"^sampler.steps=0 is out of range; valid: an integer >= 1$"):
         config.check_domains(cfg)
+
+
+def test_a_base_class_outside_the_project_adds_no_fields():
+    fields = [f.name for f in dataclasses.fields(schema_of("tests.example_schedule.EncoderOptions"))]
+    assert fields == ["_target_", "depth"]  # not json.JSONEncoder's skipkeys, indent, …
