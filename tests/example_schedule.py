@@ -3,7 +3,7 @@ option whose base class lies outside the project (tests/test_schema.py)."""
 
 from __future__ import annotations
 
-import json
+from json import JSONEncoder
 from typing import Annotated, Any
 
 from torch import Tensor
@@ -40,7 +40,7 @@ class LinearLogSNRSchedule(NoiseSchedule):
         return ((log_snr - self.log_snr_max) / (self.log_snr_min - self.log_snr_max)).clamp(0.0, 1.0)
 
 
-class EncoderOptions(json.JSONEncoder):
+class EncoderOptions(JSONEncoder):
     """An option whose base class is outside the project: its ``**options`` are not settings of ours."""
 
     def __init__(self, depth: int = 1, **options: Any) -> None:
