@@ -16,7 +16,7 @@ from diffusion_lab import config
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler, EDMSampler
 from diffusion_lab.schema.choices import Grid
 from diffusion_lab.schema.domains import POSITIVE_INT
-from diffusion_lab.schema.signature import domain_rules, schema_of
+from diffusion_lab.schema.signature import SchemaError, domain_rules, schema_of
 
 # Constructor parameters that are objects handed over by the code (not settings), left out of every schema.
 OBJECT_PARAMETERS = {"log_prob"}
@@ -100,3 +100,8 @@ def test_a_config_node_with_an_out_of_range_value_names_the_full_key():
 def test_a_base_class_outside_the_project_adds_no_fields():
     fields = [f.name for f in dataclasses.fields(schema_of("tests.example_schedule.EncoderOptions"))]
     assert fields == ["_target_", "depth"]  # not json.JSONEncoder's skipkeys, indent, …
+
+
+def test_a_target_without_python_source_is_a_schema_error():
+    with pytest.raises(SchemaError, match="cannot find the source of 'abc'"):  # a frozen standard-library module
+        schema_of("abc.ABC")
