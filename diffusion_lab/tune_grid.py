@@ -14,6 +14,7 @@ it for another checkpoint file, sampler setting, step count or weights.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,8 @@ SEED_STRIDE = 1_000_003
 
 def fit_options(cfg: DictConfig) -> FitOptions:
     """The search options of ``cfg``; an out-of-range value raises :class:`ConfigError` (before any loading)."""
-    keys = ("num_draws", "num_heldout", "max_evals", "batch_size", "seed", "reference_rtol", "reference_atol")
     try:
-        return FitOptions(**{k: cfg[k] for k in keys})
+        return FitOptions(**{f.name: cfg[f.name] for f in dataclasses.fields(FitOptions)})
     except ValueError as err:
         raise ConfigError(str(err)) from err
 

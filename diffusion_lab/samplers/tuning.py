@@ -51,6 +51,7 @@ from diffusion_lab.samplers.base import (
     sigma_range,
 )
 from diffusion_lab.samplers.ode import RK45Sampler
+from diffusion_lab.schema.jobs import FitOptions  # re-exported: the fit's options, declared once
 
 # Smallest share of the log-σ range a start-grid increment is given when it is 0 (a start grid whose last point
 # before t = 0 is the floor itself): its logit must be finite.
@@ -59,30 +60,6 @@ MIN_SHARE = 1e-4
 SIMPLEX_STEP = 0.5
 # Held-out draws re-solved with 10× tighter tolerances to estimate the reference's own error.
 REFERENCE_CHECK = 16
-
-
-@dataclass(frozen=True)
-class FitOptions:
-    """How a grid is fitted: ``num_draws`` fit and ``num_heldout`` held-out noise draws (fixed by ``seed``),
-    at most ``max_evals`` loss evaluations, evaluated in batches of ``batch_size``; the reference is RK45 with
-    ``reference_rtol``/``reference_atol``."""
-
-    num_draws: int = 128
-    num_heldout: int = 128
-    max_evals: int = 120
-    batch_size: int = 256
-    seed: int = 0
-    reference_rtol: float = 1e-5
-    reference_atol: float = 1e-5
-
-    def __post_init__(self) -> None:
-        for name in ("num_draws", "num_heldout", "max_evals", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
-        for name in ("reference_rtol", "reference_atol"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be in (0, 1)")
 
 
 class LogSigmaGrid:

@@ -83,18 +83,36 @@ class EvaluateConfig:
 
 
 @dataclass
-class TuneGridConfig:
-    """``dlab-tune-grid``: fit ``sampler``'s (null: the run's) ``steps``-step grid to ``ckpt_path``
-    (diffusion_lab/samplers/tuning.py); the grid file is written beside the checkpoint."""
+class FitOptions:
+    """How a grid is fitted (diffusion_lab/samplers/tuning.py): ``num_draws`` fit and ``num_heldout`` held-out noise
+    draws (fixed by ``seed``), the fit accepted only if better on the held-out ones, at most ``max_evals`` loss
+    evaluations (each ``steps`` NFE on ``num_draws`` examples), evaluated in batches of ``batch_size``; the reference
+    is RK45 with ``reference_rtol``/``reference_atol`` (checked against 10x tighter on 16 held-out draws)."""
+
+    num_draws: int = 128
+    num_heldout: int = 128
+    max_evals: int = 120
+    batch_size: int = 256
+    seed: int = 0
+    reference_rtol: float = 1e-5
+    reference_atol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("num_draws", "num_heldout", "max_evals", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        for name in ("reference_rtol", "reference_atol"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in (0, 1)")
+
+
+@dataclass
+class TuneGridConfig(FitOptions):
+    """``dlab-tune-grid``: fit ``sampler``'s (null: the run's) ``steps``-step grid to ``ckpt_path`` with the
+    :class:`FitOptions` (its fields, declared once there); the grid file is written beside the checkpoint."""
 
     ckpt_path: str = MISSING
     sampler: Any = None
-    num_draws: int = 128  # noise draws the grid is fitted on
-    num_heldout: int = 128  # other draws the error is reported on (and the fit accepted by)
-    max_evals: int = 120  # loss evaluations of the search, each `steps` NFE on num_draws examples
-    batch_size: int = 256
-    seed: int = 0
-    reference_rtol: float = 1e-5  # the RK45 reference solve (checked against 10x tighter on 16 held-out draws)
-    reference_atol: float = 1e-5
     use_ema: bool = True
     device: str = "cpu"
