@@ -34,8 +34,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
     """Rebuild a :class:`DiffusionModule` from a checkpoint's stored config and load its weights."""
-    from diffusion_lab.config import TrainConfig
     from diffusion_lab.module import build_module  # module.py imports (and re-exports) this module
+    from diffusion_lab.schema.run import TrainConfig
 
     ckpt = load_checkpoint(path, map_location)
     # Defaults for keys a checkpoint from an older version does not have.

@@ -22,7 +22,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffusion_lab.config import CONFIG_DIR, ConfigError, register_configs, validate_config
+from diffusion_lab.config import CONFIG_DIR, register_configs, validate_config
+from diffusion_lab.schema.errors import ConfigError
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 log = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ def check_hardware(cfg: DictConfig, cuda_devices: int | None = None) -> None:
     if cuda_devices > 0:
         return
     strategy = str(cfg.trainer.get("strategy", "auto"))
-    what = f"trainer.strategy={strategy} (Lightning's FSDP is CUDA-only)" if strategy.startswith("fsdp") else (
-        f"trainer.accelerator={accelerator}"
+    what = (
+        f"trainer.strategy={strategy} (Lightning's FSDP is CUDA-only)"
+        if strategy.startswith("fsdp")
+        else (f"trainer.accelerator={accelerator}")
     )
     raise ConfigError(
         f"{what} needs a CUDA GPU, and this machine has none (torch.cuda.device_count() == 0); on a CPU use "

@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.schema.choices import DDPMVariance
+from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.schema.jobs import EvaluateConfig, SampleConfig, TuneGridConfig
 from diffusion_lab.schema.run import TrainConfig
 from diffusion_lab.schema.signature import domain_rules, schema_of
@@ -31,10 +32,6 @@ CONFIG_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).r
 # The groups whose options are classes (one ``_target_`` each); the other groups set fields of TrainConfig.
 OPTION_GROUPS = ("schedule", "parameterization", "weighting", "time_sampler", "sampler", "model", "dataset", "metrics")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "64")
-
-
-class ConfigError(ValueError):
-    """A composed config with an out-of-range value or an impossible combination."""
 
 
 @dataclasses.dataclass

@@ -37,13 +37,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks.evaluation import MAX_REFERENCE, generate_in_batches, guidance_suffix, sampling_protocol
-from diffusion_lab.config import DIGITS_METRIC_RESIZE, ConfigError, check_guidance, option_config
+from diffusion_lab.config import DIGITS_METRIC_RESIZE, check_guidance, option_config
 from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions
 from diffusion_lab.metrics import format_count, metric_key
 from diffusion_lab.metrics.likelihood import BitsPerDim, bits_per_dim
 from diffusion_lab.module import DiffusionModule, load_module
 from diffusion_lab.sample import build_sampler
 from diffusion_lab.samplers.tuning import grid_protocol
+from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.schema.jobs import HutchinsonProbe, LikelihoodMethod
 
 SPLITS = ("train", "val")

@@ -29,10 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks import generate_in_batches, sampling_protocol, save_png
 from diffusion_lab.callbacks.checkpoint import RUN_KEY, WANDB_KEY
-from diffusion_lab.config import ConfigError, check_guidance, check_sampler
+from diffusion_lab.config import check_guidance, check_sampler
 from diffusion_lab.module import load_checkpoint, load_module
 from diffusion_lab.samplers.base import TUNED_GRID
 from diffusion_lab.samplers.tuning import grid_protocol, load_tuned_grid
+from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.tracking import track_job, training_run
 
 

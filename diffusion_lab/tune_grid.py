@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.config import ConfigError, check_sampler
+from diffusion_lab.config import check_sampler
 from diffusion_lab.module import DiffusionModule, load_checkpoint, load_module
 from diffusion_lab.sample import sampler_config
 from diffusion_lab.samplers import RK45Sampler, Sampler
@@ -37,6 +37,7 @@ from diffusion_lab.samplers.tuning import (
     sampler_identity,
     save_grid_record,
 )
+from diffusion_lab.schema.errors import ConfigError
 
 # Example i of the fit draws is seeded seed·1_000_003 + i (as DiffusionModule.generate); held-out ones follow on.
 SEED_STRIDE = 1_000_003

@@ -12,7 +12,8 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from diffusion_lab.cli import CONFIG_DIR, check_hardware
-from diffusion_lab.config import ConfigError, register_configs
+from diffusion_lab.config import register_configs
+from diffusion_lab.schema.errors import ConfigError
 
 register_configs()
 

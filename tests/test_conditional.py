@@ -9,10 +9,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from diffusion_lab.callbacks import guidance_suffix
-from diffusion_lab.config import ConfigError, register_configs, validate_config
+from diffusion_lab.config import register_configs, validate_config
 from diffusion_lab.module import build_module, load_checkpoint, load_module, set_num_classes
 from diffusion_lab.sample import check_sampling_request, describe, run
 from diffusion_lab.samplers import DDIMSampler
+from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.train import CONFIG_DIR, train
 from tests.test_train import TINY_DIGITS
 

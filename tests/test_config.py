@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion_lab.config import ConfigError, register_configs, validate_config
+from diffusion_lab.config import register_configs, validate_config
+from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.train import CONFIG_DIR
 
 register_configs()

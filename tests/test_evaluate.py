@@ -145,8 +145,8 @@ def test_evaluate_toy_scores_with_another_sampler(toy_ckpt: Path, tmp_path: Path
 
 
 def test_evaluate_unknown_score_lists_the_valid_ones(toy_ckpt: Path, tmp_path: Path) -> None:
-    from diffusion_lab.config import ConfigError
     from diffusion_lab.evaluate import run
+    from diffusion_lab.schema.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"valid choices: \['bpd', 'fd_digits', 'fid', 'toy2d'\]"):
         run(_compose("evaluate", [f"ckpt_path={toy_ckpt}", "scores=[fdi]"]), tmp_path)
@@ -210,7 +210,7 @@ def test_evaluate_refuses_num_samples_below_one_before_loading(
     num_samples: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import diffusion_lab.evaluate as evaluate
-    from diffusion_lab.config import ConfigError
+    from diffusion_lab.schema.errors import ConfigError
 
     monkeypatch.setattr(evaluate, "load_module", lambda *a, **k: pytest.fail("checkpoint loaded"))
     cfg = _compose("evaluate", ["ckpt_path=missing.ckpt", "scores=[fd_digits]", f"num_samples={num_samples}"])
@@ -223,7 +223,7 @@ def test_sample_refuses_num_samples_below_one_before_loading(
     num_samples: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import diffusion_lab.sample as sample
-    from diffusion_lab.config import ConfigError
+    from diffusion_lab.schema.errors import ConfigError
 
     monkeypatch.setattr(sample, "load_module", lambda *a, **k: pytest.fail("checkpoint loaded"))
     cfg = _compose("sample", ["ckpt_path=missing.ckpt", f"num_samples={num_samples}"])
@@ -244,8 +244,8 @@ def test_evaluate_refuses_a_score_that_does_not_fit_the_data(
     ckpt: str, score: str, valid: str, request: pytest.FixtureRequest, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    from diffusion_lab.config import ConfigError
     from diffusion_lab.evaluate import run
+    from diffusion_lab.schema.errors import ConfigError
 
     _no_work(monkeypatch)
     path = request.getfixturevalue(ckpt)

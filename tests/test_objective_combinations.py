@@ -8,11 +8,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion_lab.config import ConfigError, validate_config
+from diffusion_lab.config import validate_config
 from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion.losses import DiffusionLoss
 from diffusion_lab.diffusion.time_samplers import UniformTimeSampler
 from diffusion_lab.module import build_module
+from diffusion_lab.schema.errors import ConfigError
 from tests.test_config import compose_train, options
 
 SCHEDULES, PARAMS = options("schedule"), options("parameterization")

@@ -19,8 +19,9 @@ from diffusion_lab.callbacks.checkpoint import (
     atomic_torch_save,
 )
 from diffusion_lab.callbacks.nan_guard import NonFiniteError
-from diffusion_lab.config import ConfigError, validate_config
+from diffusion_lab.config import validate_config
 from diffusion_lab.module import DiffusionModule, IncompatibleCheckpointError, load_checkpoint
+from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.train import train
 from tests.test_train import TINY_DIGITS, TINY_TOY, compose_train
 

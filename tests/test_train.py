@@ -11,8 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from diffusion_lab.config import ConfigError, register_configs, validate_config
+from diffusion_lab.config import register_configs, validate_config
 from diffusion_lab.module import load_checkpoint, load_module
+from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.train import CONFIG_DIR, train
 
 register_configs()

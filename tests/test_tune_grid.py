@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lab.config import ConfigError
+from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.train import train
 from tests.test_train import TINY_TOY, compose_named, compose_train, run_cli
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from diffusion_lab.schema.errors import ConfigError
+
 RNG_KEY = "diffusion_lab_rng"
 RNG_PER_RANK_KEY = "diffusion_lab_rng_per_rank"
 RUN_KEY = "diffusion_lab_run"  # how the run is filed (name, group, tags), for sample/eval jobs on its checkpoints
@@ -206,8 +208,6 @@ def loop_position(trainer: L.Trainer) -> tuple[int, int, int, int]:
 
 def check_batches_per_rank(num_examples: int, batch_size: int, world_size: int, drop_last: bool) -> None:
     """At least one training batch per rank, or a :class:`ConfigError` (instead of a run of zero steps)."""
-    from diffusion_lab.config import ConfigError
-
     per_rank = num_examples // world_size
     if per_rank < (batch_size if drop_last else 1):
         raise ConfigError(

@@ -11,9 +11,10 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from diffusion_lab.config import ConfigError, validate_config
+from diffusion_lab.config import validate_config
 from diffusion_lab.data import ImageFolderDataModule
 from diffusion_lab.data.image_folder import center_crop_arr
+from diffusion_lab.schema.errors import ConfigError
 from tests.test_config import compose_train
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

@@ -13,8 +13,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion_lab.config import ConfigError, validate_config
+from diffusion_lab.config import validate_config
 from diffusion_lab.data import SHAPES, ShapesDataModule
+from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.train import train
 from tests.test_config import compose_train
 
