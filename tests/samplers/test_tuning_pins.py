@@ -14,12 +14,11 @@ import torch
 from diffusion_lab.diffusion.analytic import GaussianMixture, OracleNetwork
 from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion.parameterizations import X0Parameterization
-from diffusion_lab.diffusion.schedules import LinearSchedule
+from diffusion_lab.diffusion.schedules.beta import LinearSchedule
 from diffusion_lab.samplers import tuning as tuning_module
-from diffusion_lab.samplers.base import TUNED_GRID
 from diffusion_lab.samplers.dpm_solver import DPMSolverSampler
+from diffusion_lab.samplers.grids import TUNED_GRID
 from diffusion_lab.samplers.tuning import (
-    FitOptions,
     file_sha256,
     fit_grid,
     grid_file,
@@ -27,6 +26,7 @@ from diffusion_lab.samplers.tuning import (
     sampler_identity,
     save_grid_record,
 )
+from diffusion_lab.schema.jobs import FitOptions
 
 F64 = torch.float64
 GMM = GaussianMixture(
