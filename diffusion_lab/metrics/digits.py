@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_lab.cache_files import seal, verify, verify_or_discard
 from diffusion_lab.metrics.frechet import Float64Array, feature_statistics, frechet_distance
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "class_histogram",
     "classifier_path",
     "digits_split",
+    "load_classifier_file",
     "load_or_train_classifier",
     "train_digits_classifier",
 ]
@@ -188,7 +190,8 @@ def train_digits_classifier(cfg: DigitsClassifierConfig = DigitsClassifierConfig
 
 
 def _save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temp file in the target directory, then ``os.replace`` (atomic on POSIX)."""
+    """``torch.save`` to a temp file in the target directory, then ``os.replace`` (atomic on POSIX), then its
+    checksum ``<path>.sha256`` (:func:`~diffusion_lab.cache_files.seal`), written after the payload."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -198,23 +201,52 @@ def _save_atomic(payload: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    seal(path)
+
+
+def _model_from(payload: dict[str, Any]) -> DigitsCNN:
+    """The eval-mode :class:`DigitsCNN` of a cache payload (its ``config`` gives the widths)."""
+    config = payload["config"]
+    with torch.random.fork_rng(devices=[]):  # the throw-away init must not advance the caller's RNG
+        model = DigitsCNN(config["width"], config["feature_dim"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+def load_classifier_file(path: str | os.PathLike[str]) -> DigitsCNN:
+    """The classifier in a cache file written by :func:`load_or_train_classifier`, read weights-only and checked
+    against its checksum ``<path>.sha256``.
+
+    Raises:
+        ValueError: the file does not match its recorded sha256 (or has none), naming the file and both hashes.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)  # weights-only: safe before the hash check
+    problem = verify(path)
+    if problem is not None:
+        raise ValueError(
+            f"digits classifier {path}: {problem}; delete it and let load_or_train_classifier rebuild it "
+            f"(default cache: {DEFAULT_CACHE_DIR})"
+        )
+    return _model_from(payload)
 
 
 def _try_load(path: Path, cfg: DigitsClassifierConfig) -> tuple[DigitsCNN, dict] | None:
-    """Load cached weights with ``weights_only=True``; ``None`` if missing, unreadable or mismatched."""
-    if not path.is_file():
+    """Load cached weights with ``weights_only=True``; ``None`` if missing, unreadable or mismatched.
+
+    The file's bytes are checked against ``<path>.sha256`` first: a mismatch (or no checksum) warns, naming the
+    file and both hashes, and deletes the file, so it is retrained (a flipped bit in the weights once gave
+    ``fd_digits = 1e75`` from a cache that was trusted)."""
+    if not verify_or_discard(path, "digits classifier cache"):
         return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload["cache_key"] != cfg.cache_key():
             raise ValueError(f"cache key {payload['cache_key']} != {cfg.cache_key()}")
-        with torch.random.fork_rng(devices=[]):  # the throw-away init must not advance the caller's RNG
-            model = DigitsCNN(cfg.width, cfg.feature_dim)
-        model.load_state_dict(payload["state_dict"])
+        model = _model_from(payload)
     except Exception as err:  # a corrupt or stale file is retrained over, never trusted
         log.warning("ignoring digits classifier cache %s: %s", path, err)
         return None
-    return model.eval(), dict(payload["info"])
+    return model, dict(payload["info"])
 
 
 def classifier_path(
@@ -231,7 +263,8 @@ def load_or_train_classifier(
     """Load the classifier for ``cfg`` from ``cache_dir``, training and caching it if absent.
 
     Cache file: ``<cache_dir>/digits_cnn-v<VERSION>-<cfg.cache_key()>.pt`` (default dir
-    :data:`DEFAULT_CACHE_DIR`), holding ``{"cache_key", "config", "info", "state_dict"}``.
+    :data:`DEFAULT_CACHE_DIR`), holding ``{"cache_key", "config", "info", "state_dict"}``, with its sha256 in
+    ``<file>.sha256``; a file that does not match it is rebuilt, with a warning.
 
     Returns:
         ``(model, info, loaded_from_cache)``; ``info`` has ``val_accuracy`` and ``train_seconds``.

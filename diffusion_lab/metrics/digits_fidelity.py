@@ -15,7 +15,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from diffusion_lab.metrics.digits import _RESIZERS as DIGITS_RESIZERS
-from diffusion_lab.metrics.digits import DigitsCNN, load_or_train_classifier
+from diffusion_lab.metrics.digits import load_classifier_file, load_or_train_classifier
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):
@@ -24,8 +24,8 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
     Input uint8 ``(B, 3, H, W)`` (channel 0 is used) -> ``[-1, 1]`` -> 8×8 by :attr:`resize` -> features
     ``"features"`` ``(B, feature_dim)`` (FID/KID/PRC) and ``"logits"`` ``(B, 10)`` (IS). Registered as
     ``digits-cnn-pool`` and ``digits-cnn-center_crop``; ``feature_extractor_weights_path`` is a classifier cache
-    file written by :func:`~diffusion_lab.metrics.digits.load_or_train_classifier` (``None``: the default cache,
-    trained there if absent).
+    file written by :func:`~diffusion_lab.metrics.digits.load_or_train_classifier`, checked against its sha256
+    (``None``: the default cache, trained there if absent).
     """
 
     resize = "pool"
@@ -37,10 +37,7 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         if feature_extractor_weights_path is None:
             model, _, _ = load_or_train_classifier()
         else:
-            payload = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
-            config = payload["config"]
-            model = DigitsCNN(config["width"], config["feature_dim"])
-            model.load_state_dict(payload["state_dict"])
+            model = load_classifier_file(feature_extractor_weights_path)
         self.model = model.eval().requires_grad_(False)
 
     @staticmethod

@@ -16,7 +16,8 @@ Protocol (what a reported ``val/fid@N_nfeK`` means):
   the Inception weights are read ``weights_only=True`` and checked against the network's keys and shapes
   (:class:`WeightsOnlyInceptionV3`, registered as :data:`INCEPTION_WEIGHTS_ONLY`), and every cache file of a
   reference is read weights-only (tensors and float arrays) before torch-fidelity opens it
-  (:func:`check_cache_files`).
+  (:func:`check_cache_files`). Each cache file carries its sha256 (``<file>.sha256``, written after it); one that
+  does not match is deleted with a warning and recomputed, never read.
 - Noise floor: ``fid_floor@N`` is the FID of ``N`` random training images (``N`` = the sample count, a fixed
   seeded subset) against the full reference: the FID a perfect generator would score with that many samples.
 
@@ -53,6 +54,8 @@ from diffusion_lab.metrics.inception import (
     file_digest,
     load_inception_state_dict,
     resolve_inception_weights,
+    seal_cache_files,
+    verify_cache_checksums,
 )
 
 __all__ = [
@@ -227,9 +230,13 @@ class FidelityMetric:
         return Path(self.cache_dir).expanduser() if self.cache_dir is not None else DEFAULT_CACHE_DIR.expanduser()
 
     def _calculate(self, cache_name: str, **kwargs: Any) -> dict[str, float]:
-        """``torch_fidelity.calculate_metrics`` after checking the cache files of ``cache_name`` weights-only."""
+        """``torch_fidelity.calculate_metrics`` after checking the cache files of ``cache_name`` weights-only and
+        against their sha256 (a mismatch is recomputed, with a warning); the files it writes get their sha256."""
         check_cache_files(self.cache_root, cache_name)
-        return dict(torch_fidelity.calculate_metrics(**kwargs))
+        verify_cache_checksums(self.cache_root, cache_name)
+        result = dict(torch_fidelity.calculate_metrics(**kwargs))
+        seal_cache_files(self.cache_root, cache_name)
+        return result
 
     def _kwargs(self, n1: int, n2: int) -> dict[str, Any]:
         cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())

@@ -1,7 +1,8 @@
 """torch-fidelity's InceptionV3 with nothing unpickled on trust: the weights file located (or downloaded once), read
 weights-only and checked against the network (:class:`WeightsOnlyInceptionV3`, registered as
 :data:`INCEPTION_WEIGHTS_ONLY`), and a reference's cache files read weights-only before torch-fidelity opens them
-(:func:`check_cache_files`).
+(:func:`check_cache_files`) and checked against the sha256 recorded when they were written
+(:func:`verify_cache_checksums`, :func:`seal_cache_files`).
 
 Split out of :mod:`diffusion_lab.metrics.fidelity`, which re-exports every name here.
 """
@@ -23,6 +24,8 @@ from numpy._core.multiarray import _reconstruct  # what a pickled np.ndarray nam
 from torch import Tensor
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from diffusion_lab.cache_files import checksum_path, seal, verify_or_discard
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
@@ -195,6 +198,11 @@ def _check_cache_file(path: str, size: int, mtime_ns: int) -> None:
         ) from err
 
 
+def _cache_files(cache_root: Path, cache_name: str) -> list[Path]:
+    """torch-fidelity's cache files of ``cache_name``: ``<cache_root>/<cache_name>*.pt``."""
+    return sorted(cache_root.glob(glob.escape(cache_name) + "*.pt"))
+
+
 def check_cache_files(cache_root: Path, cache_name: str) -> None:
     """Read every torch-fidelity cache file of ``cache_name`` (``<cache_root>/<cache_name>*.pt``) weights-only,
     before torch-fidelity loads them with ``weights_only=False``.
@@ -202,6 +210,22 @@ def check_cache_files(cache_root: Path, cache_name: str) -> None:
     Raises:
         FidelityCacheError: a file holds anything but tensors and float arrays (e.g. a pickled object).
     """
-    for path in sorted(cache_root.glob(glob.escape(cache_name) + "*.pt")):
+    for path in _cache_files(cache_root, cache_name):
         st = path.stat()
         _check_cache_file(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def verify_cache_checksums(cache_root: Path, cache_name: str) -> None:
+    """Compare every cache file of ``cache_name`` with its ``<file>.sha256``; one that does not match (or has no
+    checksum) is deleted with a :class:`~diffusion_lab.cache_files.CacheChecksumWarning` naming it and both hashes,
+    so torch-fidelity recomputes it instead of reading corrupted statistics."""
+    for path in _cache_files(cache_root, cache_name):
+        verify_or_discard(path, "metrics.cache_dir: reference statistics")
+
+
+def seal_cache_files(cache_root: Path, cache_name: str) -> None:
+    """Write ``<file>.sha256`` for every cache file of ``cache_name`` that has none: the files torch-fidelity has
+    just written (every older one was verified or deleted before it ran)."""
+    for path in _cache_files(cache_root, cache_name):
+        if not checksum_path(path).is_file():
+            seal(path)

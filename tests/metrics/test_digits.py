@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffusion_lab.cache_files import CacheChecksumWarning, checksum_path, seal, sha256_of, verify
 from diffusion_lab.metrics.base import DigitsFDMetric, SampleMetric
 from diffusion_lab.metrics.digits import (
     DigitsClassifierConfig,
@@ -18,7 +20,9 @@ from diffusion_lab.metrics.digits import (
     class_coverage,
     class_entropy,
     class_histogram,
+    classifier_path,
     digits_split,
+    load_classifier_file,
     load_or_train_classifier,
     train_digits_classifier,
 )
@@ -71,8 +75,9 @@ def test_classifier_accuracy_on_held_out(fd: DigitsFrechetDistance, split: Split
 
 def test_second_construction_loads_from_cache(fd: DigitsFrechetDistance, cache_dir: Path) -> None:
     assert not fd.loaded_from_cache
-    (path,) = cache_dir.glob("digits_cnn-*.pt")  # exactly one file, no leftover temp files
-    assert list(cache_dir.iterdir()) == [path]
+    (path,) = cache_dir.glob("digits_cnn-*.pt")  # exactly one file and its checksum, no leftover temp files
+    assert sorted(cache_dir.iterdir()) == [path, checksum_path(path)]
+    assert verify(path) is None
     mtime, rng_before = path.stat().st_mtime_ns, torch.get_rng_state()
     again = DigitsFrechetDistance(cache_dir=str(cache_dir))
     assert again.loaded_from_cache and path.stat().st_mtime_ns == mtime
@@ -93,15 +98,80 @@ def test_training_is_deterministic_and_leaves_global_rng_alone(fd: DigitsFrechet
         assert torch.equal(tensor, fd.model.state_dict()[name]), name
 
 
-def test_corrupt_cache_file_is_retrained(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = DigitsClassifierConfig(epochs=1)  # cheap, and a different cache key
-    _, _, loaded = load_or_train_classifier(tmp_path, cfg)
-    (path,) = tmp_path.glob("*.pt")
+CHEAP = DigitsClassifierConfig(epochs=1)  # trains in well under a second, and a cache key of its own
+
+
+def test_corrupt_cache_file_is_retrained(tmp_path: Path) -> None:
+    _, _, loaded = load_or_train_classifier(tmp_path, CHEAP)
+    path = classifier_path(tmp_path, CHEAP)
     path.write_bytes(b"not a checkpoint")
+    with pytest.warns(CacheChecksumWarning, match=rf"digits classifier cache {re.escape(str(path))}: its sha256"):
+        _, _, loaded_again = load_or_train_classifier(tmp_path, CHEAP)
+    assert not loaded and not loaded_again and verify(path) is None
+    assert load_or_train_classifier(tmp_path, CHEAP)[2]
+
+
+def test_unreadable_cache_file_with_a_matching_checksum_is_retrained(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file whose checksum matches but that is no classifier payload (e.g. written by hand) is retrained too."""
+    load_or_train_classifier(tmp_path, CHEAP)
+    path = classifier_path(tmp_path, CHEAP)
+    path.write_bytes(b"not a checkpoint")
+    seal(path)
     with caplog.at_level(logging.WARNING):
-        _, _, loaded_again = load_or_train_classifier(tmp_path, cfg)
-    assert not loaded and not loaded_again and "ignoring digits classifier cache" in caplog.text
-    assert load_or_train_classifier(tmp_path, cfg)[2]
+        assert not load_or_train_classifier(tmp_path, CHEAP)[2]
+    assert "ignoring digits classifier cache" in caplog.text
+
+
+def _flip_a_weight_bit(path: Path, tensor: Tensor) -> None:
+    """Flip the top exponent bit of ``tensor[0]``'s float32 bytes where they sit in the (uncompressed) torch file:
+    the file still loads, with one weight about 2^128 times too large."""
+    data = bytearray(path.read_bytes())
+    at = data.find(tensor.numpy().tobytes())
+    assert at >= 0 and data.find(tensor.numpy().tobytes(), at + 1) < 0  # exactly one place
+    data[at + 3] ^= 0x40  # little-endian float32: byte 3 holds the sign and the top exponent bits
+    path.write_bytes(bytes(data))
+
+
+def test_a_bit_flipped_cache_is_rebuilt_with_a_warning_naming_both_hashes(tmp_path: Path) -> None:
+    model, _, _ = load_or_train_classifier(tmp_path, CHEAP)
+    path = classifier_path(tmp_path, CHEAP)
+    recorded = sha256_of(path)
+    _flip_a_weight_bit(path, model.head.bias.detach())
+    flipped = sha256_of(path)
+    trusted = torch.load(path, weights_only=True)["state_dict"]["head.bias"]  # what the old reader used silently
+    assert not torch.equal(trusted, model.head.bias) and trusted.abs().max() > 1e30
+    with pytest.warns(CacheChecksumWarning) as caught:
+        rebuilt, _, loaded = load_or_train_classifier(tmp_path, CHEAP)
+    (message,) = [str(w.message) for w in caught]
+    assert str(path) in message and flipped in message and recorded in message
+    assert not loaded and verify(path) is None  # retrained and rewritten with a checksum that matches
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], tensor), name  # the correct weights, bit for bit
+    again, _, loaded_again = load_or_train_classifier(tmp_path, CHEAP)
+    assert loaded_again and torch.equal(again.head.bias, model.head.bias)
+
+
+def test_a_cache_without_its_checksum_is_not_trusted(tmp_path: Path) -> None:
+    """A cache from before checksums (or whose write stopped before the checksum) is rebuilt, not used."""
+    load_or_train_classifier(tmp_path, CHEAP)
+    path = classifier_path(tmp_path, CHEAP)
+    checksum_path(path).unlink()
+    with pytest.warns(CacheChecksumWarning, match=r"no checksum file .*\.pt\.sha256"):
+        assert not load_or_train_classifier(tmp_path, CHEAP)[2]
+    assert verify(path) is None
+
+
+def test_the_feature_extractor_file_is_checked_against_its_checksum(tmp_path: Path) -> None:
+    model, _, _ = load_or_train_classifier(tmp_path, CHEAP)
+    path = classifier_path(tmp_path, CHEAP)
+    assert torch.equal(load_classifier_file(path).head.bias, model.head.bias)
+    _flip_a_weight_bit(path, model.head.bias.detach())
+    with pytest.raises(
+        ValueError, match=rf"digits classifier {re.escape(str(path))}: its sha256 is [0-9a-f]{{64}}, but"
+    ):
+        load_classifier_file(path)
 
 
 def test_cache_key_depends_on_hyper_parameters() -> None:
