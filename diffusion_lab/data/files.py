@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from diffusion_lab.data.decoding import ImageModeError, to_rgb_array
+
 DOWNLOAD_TIMEOUT_S = 60.0
 # Extensions PIL decodes that image datasets ship in (compared lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
@@ -69,8 +71,9 @@ def decode_threads() -> int:
 def decode_images(paths: Sequence[Path], load: Callable[[Path], np.ndarray], shape: tuple[int, ...]) -> Tensor:
     """Decode every file with ``load`` (path -> (H, W, C) uint8) into one (N, C, H, W) uint8 tensor.
 
-    Errors name the file that failed. Decoding runs on :func:`decode_threads` threads, writing each
-    image straight into the preallocated output, so peak memory is the output plus one image per thread.
+    Errors name the file that failed (an :class:`ImageModeError` names it already and passes unchanged).
+    Decoding runs on :func:`decode_threads` threads, writing each image straight into the preallocated output,
+    so peak memory is the output plus one image per thread.
     """
     out = torch.empty((len(paths), *shape), dtype=torch.uint8)
 
@@ -78,6 +81,8 @@ def decode_images(paths: Sequence[Path], load: Callable[[Path], np.ndarray], sha
         path = paths[index]
         try:
             array = load(path)
+        except ImageModeError:
+            raise
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise RuntimeError(f"Could not decode image {path}: {err}") from err
         out[index] = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
@@ -89,6 +94,8 @@ def decode_images(paths: Sequence[Path], load: Callable[[Path], np.ndarray], sha
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Open an image file as an 8-bit RGB PIL image (grey, palette and RGBA images are converted)."""
+    """Open an image file as an 8-bit RGB PIL image, decoded by the rules of :mod:`diffusion_lab.data.decoding`
+    (16-bit samples keep their high byte, alpha is composited over black; float, 32-bit and animated images are
+    refused with an :class:`ImageModeError` naming the file)."""
     with Image.open(path) as image:
-        return image.convert("RGB")
+        return Image.fromarray(to_rgb_array(image, path))

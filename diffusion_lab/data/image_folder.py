@@ -4,7 +4,9 @@ Layout (as torchvision's ``ImageFolder``): either ``<root>/<class>/**/<image>`` 
 immediate subfolder of ``root`` is a class, labelled 0, 1, … in sorted name order, its images found
 recursively — or images anywhere under ``<root>`` without labels (also with ``class_labels=false``, e.g.
 FFHQ's ``00000/ 01000/ …`` chunk folders). Files with the extensions in ``files.IMAGE_EXTENSIONS`` are
-read, converted to RGB; hidden files and folders are skipped.
+read and decoded to 8-bit RGB by the rules of :mod:`diffusion_lab.data.decoding` (16-bit grey keeps its high
+byte, alpha is composited over black; float, 32-bit-integer and animated images are refused, naming the file);
+hidden files and folders are skipped.
 
 Each image is resized so that its shorter side is ``load_size`` (default ``resolution``) and cropped to
 the central ``load_size`` square, the ``center_crop_arr`` of Dhariwal & Nichol 2021 (guided-diffusion

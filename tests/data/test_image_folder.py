@@ -13,6 +13,7 @@ from PIL import Image
 
 from diffusion_lab.config import validate_config
 from diffusion_lab.data import ImageFolderDataModule
+from diffusion_lab.data.decoding import ImageModeError
 from diffusion_lab.data.image_folder import center_crop_arr
 from diffusion_lab.schema.errors import ConfigError
 from tests.test_config import compose_train
@@ -209,3 +210,32 @@ def test_hydra_option_composes_and_loads(classes: Path) -> None:
     assert x.shape == (2, 3, 16, 16) and y.dtype == torch.long
     with pytest.raises(ConfigError, match="load_size"):  # caught when the config is validated, not at load time
         validate_config(compose_train([*overrides, "dataset.crop=random"]))
+
+
+def test_16bit_grey_and_transparent_images_are_decoded_faithfully(tmp_path: Path) -> None:
+    root = tmp_path / "modes"
+    (root / "grey16").mkdir(parents=True)
+    (root / "rgba").mkdir()
+    ramp = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(16, 16)  # 0, 257, …, 65535
+    Image.fromarray(ramp).save(root / "grey16" / "ramp.png")  # mode I;16: convert("RGB") made it all white
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[..., :3], rgba[..., 3] = (200, 100, 50), np.arange(16, dtype=np.uint8)[None, :] * 17  # alpha 0 .. 255
+    Image.fromarray(rgba).save(root / "rgba" / "fade.png")
+    dm = make(root, val_fraction=0.5)
+    x, y = all_images(dm)
+    levels = ((x + 1) * 127.5).round().to(torch.uint8)  # back to the decoded uint8 pixels (no resize at 16)
+    grey, fade = levels[y == 0][0], levels[y == 1][0]
+    assert torch.equal(grey, torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(3, 16, 16))
+    expected = np.round(np.array([200, 100, 50])[:, None] * (np.arange(16) * 17)[None, :] / 255)  # over black
+    assert torch.equal(fade, torch.from_numpy(expected.astype(np.uint8))[:, None, :].expand(3, 16, 16))
+
+
+def test_an_undecodable_mode_is_refused_at_setup_naming_the_file(classes: Path) -> None:
+    path = classes / "dog" / "depth.tif"
+    Image.fromarray(np.ones((16, 16), dtype=np.float32)).save(path)
+    dm = make(classes)
+    with pytest.raises(ImageModeError) as info:
+        dm.setup()
+    message = str(info.value)
+    assert f"Refusing image {path} (TIFF, mode F)" in message and "supported modes: 1, L, LA, P" in message
+    assert dm._train is None and dm._val is None  # nothing half-loaded
