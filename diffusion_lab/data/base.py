@@ -77,6 +77,40 @@ class TensorPairDataset(Dataset[Batch]):
         return (self.transform(x) if self.transform is not None else x).to(torch.float32)
 
 
+def check_labels(y: Tensor, num_classes: int, dataset: str, origin: Sequence[tuple[str, int]]) -> None:
+    """Refuse labels outside ``0..num_classes-1`` before training (not as an IndexError in the class embedding).
+
+    Args:
+        y: (N,) integer labels.
+        num_classes: the dataset's class count.
+        dataset: what the labels are, for the message (e.g. "CIFAR10DataModule train labels").
+        origin: where they were read from, in order: (file, number of labels read from it), counts summing to N.
+
+    Raises:
+        ValueError: naming the dataset, each file holding bad labels (how many, first row), the offending
+            values, their count and the valid range.
+    """
+    bad = (y < 0) | (y >= num_classes)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return
+    if sum(count for _, count in origin) != len(y):
+        origin = [(dataset, len(y))]
+    values = torch.unique(y[bad]).tolist()
+    shown = ", ".join(map(str, values[:10])) + (f", … ({len(values)} distinct)" if len(values) > 10 else "")
+    where, start = [], 0
+    for name, count in origin:
+        rows = bad[start : start + count].nonzero().flatten()
+        if len(rows):
+            where.append(f"{name} ({len(rows)}, first at row {int(rows[0])})")
+        start += count
+    raise ValueError(
+        f"{dataset}: {n_bad} of {len(y)} labels lie outside the class range 0..{num_classes - 1} "
+        f"(num_classes={num_classes}): values [{shown}] in {'; '.join(where)}. Every label must be an integer in "
+        f"0..{num_classes - 1}: fix or remove those entries."
+    )
+
+
 def collate_batch(batch: Batch | list[Batch]) -> Batch:
     """Collate for :class:`TensorPairDataset`: a batch from ``__getitems__`` is already stacked.
 
@@ -151,10 +185,20 @@ class DiffusionDataModule(L.LightningDataModule):
         """Draw samples (B, *data_shape) as an (H, W, 3) uint8 picture for logging."""
         raise NotImplementedError
 
+    def label_origin(self, split: str, n: int) -> list[tuple[str, int]]:
+        """Where the ``n`` labels of ``split`` ("train" or "val") were read from, in order: (file, count) pairs
+        summing to ``n``. Subclasses reading label files name them; the default names the split."""
+        return [(f"the {split} split", n)]
+
     def setup(self, stage: str | None = None) -> None:
-        """Build both splits once (idempotent; every stage uses the same splits)."""
+        """Build both splits once (idempotent; every stage uses the same splits), refusing out-of-range labels."""
         if self._train is None or self._val is None:
-            self._train, self._val = self._build_datasets()
+            train, val = self._build_datasets()
+            if self.num_classes is not None:
+                for split, dataset in (("train", train), ("val", val)):
+                    origin = self.label_origin(split, len(dataset.y))
+                    check_labels(dataset.y, self.num_classes, f"{type(self).__name__} {split} labels", origin)
+            self._train, self._val = train, val
 
     def train_dataloader(self) -> DataLoader[Batch]:
         """Shuffled (generator seeded by ``seed``), ``drop_last=True`` loader of (x, y) batches."""

@@ -71,12 +71,16 @@ def read_batch(path: Path) -> tuple[np.ndarray, list[int]]:
     return np.asarray(entry["data"], dtype=np.uint8), [int(y) for y in entry["labels"]]
 
 
-def read_split(folder: Path, train: bool) -> tuple[np.ndarray, list[int]]:
-    """``data_batch_1..5`` (train) or ``test_batch`` -> ``(x (N, 3, 32, 32) uint8, labels)``."""
-    names = [name for name, _ in (CIFAR10.train_list if train else CIFAR10.test_list)]
-    batches = [read_batch(folder / name) for name in names]
+def split_files(train: bool) -> list[str]:
+    """The batch files of one split: ``data_batch_1..5`` (train) or ``test_batch``."""
+    return [name for name, _ in (CIFAR10.train_list if train else CIFAR10.test_list)]
+
+
+def read_split(folder: Path, train: bool) -> tuple[np.ndarray, list[int], list[int]]:
+    """``data_batch_1..5`` (train) or ``test_batch`` -> ``(x (N, 3, 32, 32) uint8, labels, labels per file)``."""
+    batches = [read_batch(folder / name) for name in split_files(train)]
     x = np.vstack([data for data, _ in batches]).reshape(-1, 3, 32, 32)
-    return x, [y for _, labels in batches for y in labels]
+    return x, [y for _, labels in batches for y in labels], [len(labels) for _, labels in batches]
 
 
 def _fix_hint(folder: Path, download_failed: bool = False) -> str:
@@ -121,6 +125,7 @@ class CIFAR10DataModule(DiffusionDataModule):
             data_shape=(3, 32, 32), num_classes=10, modality="image",
         )  # fmt: skip
         self.root, self.download, self.flip, self.verify_md5 = str(root), download, flip, verify_md5
+        self._label_counts: dict[str, list[int]] = {}
         self.save_hyperparameters()
 
     @property
@@ -156,10 +161,15 @@ class CIFAR10DataModule(DiffusionDataModule):
                 f"dataset.verify_md5=false to load them anyway. {_fix_hint(self.folder)}"
             )
 
+    def label_origin(self, split: str, n: int) -> list[tuple[str, int]]:
+        """The batch files the ``split`` labels were read from, with each file's label count."""
+        names = split_files(train=split == "train")
+        return list(zip([str(self.folder / name) for name in names], self._label_counts.get(split, []), strict=False))
+
     def _load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         """Read one split: (x (N, 3, 32, 32) uint8, y (N,) long)."""
         try:
-            data, labels = read_split(self.folder, train)
+            data, labels, self._label_counts["train" if train else "val"] = read_split(self.folder, train)
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
             hint = _fix_hint(self.folder)
             raise RuntimeError(f"Could not parse CIFAR-10 in {self.folder}: {err!r}. {hint}") from err

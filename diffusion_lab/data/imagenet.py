@@ -175,7 +175,9 @@ class ImageNetDataModule(DiffusionDataModule):
         in_range = labels.size == 0 or (labels.min() >= 1 and labels.max() <= NUM_CLASSES)
         integral = np.issubdtype(labels.dtype, np.integer)
         if data.dtype != np.uint8 or labels.shape != (n,) or not integral or not in_range:
+            bad = labels[(labels < 1) | (labels > NUM_CLASSES)] if labels.size and integral else labels[:0]
             span = f" in {labels.min()}..{labels.max()}" if labels.size and integral else ""
+            span += f", {bad.size} outside 1..{NUM_CLASSES} (values {np.unique(bad)[:10].tolist()})" if bad.size else ""
             raise RuntimeError(
                 f"{path}: expected uint8 'data' and {n} integer 'labels' in 1..{NUM_CLASSES}, got {data.dtype} "
                 f"'data' and {labels.dtype} labels of shape {labels.shape}{span}. {self._fix_hint()}"

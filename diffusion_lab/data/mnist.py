@@ -123,6 +123,10 @@ class MNISTDataModule(DiffusionDataModule):
     def _check_files(self) -> None:
         files.require_files(self.title, self.folder, self._missing(), self._fix_hint())
 
+    def label_origin(self, split: str, n: int) -> list[tuple[str, int]]:
+        """The idx label file of ``split`` (train: ``train-labels-idx1-ubyte``, val: ``t10k-labels-idx1-ubyte``)."""
+        return [(str(self.folder / IDX_FILES[1 if split == "train" else 3]), n)]
+
     def _load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         """Read one split: (x (N, 1, 28, 28) uint8, y (N,) long)."""
         try:

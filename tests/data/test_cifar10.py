@@ -217,3 +217,16 @@ def test_render_grid(fake_cifar: dict[str, Any]) -> None:
     image = dm.render(dm.val_tensor()[:6])  # 6 images -> 3 per row, 2 rows
     assert image.dtype == np.uint8 and image.shape == (2 * 34 + 2, 3 * 34 + 2, 3)
     assert (image[2:34, 2:34] == 0).all() and (image[2:34, 36:68] == 255).all()
+
+
+def test_out_of_range_labels_are_refused_at_setup(fake_cifar: dict[str, Any]) -> None:
+    folder = fake_cifar["folder"]
+    data = np.zeros((N_PER_BATCH, 3072), dtype=np.uint8)
+    write_batch(folder / "data_batch_3", data, [0, 10, 9, -1])  # the real pickle format, two labels out of 0..9
+    dm = make(fake_cifar["root"])
+    with pytest.raises(ValueError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert message.startswith("CIFAR10DataModule train labels: 2 of 20 labels lie outside the class range 0..9")
+    assert f"values [-1, 10] in {folder / 'data_batch_3'} (2, first at row 1)" in message
+    assert dm._train is None  # refused before training, nothing kept

@@ -128,6 +128,7 @@ def test_out_of_range_labels_are_reported(fake32: dict[str, Any]) -> None:
     with pytest.raises(RuntimeError, match=r"labels.*1\.\.1000") as info:
         make(fake32["root"]).setup()
     assert str(path) in str(info.value)
+    assert f"labels of shape ({N_VAL},) in 0..0, {N_VAL} outside 1..1000 (values [0])" in str(info.value)
 
 
 def test_missing_key_is_reported(fake32: dict[str, Any]) -> None:

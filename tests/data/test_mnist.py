@@ -194,3 +194,16 @@ def test_render_grid(fake: dict[str, Any]) -> None:
     dm = fake["cls"](root=fake["root"])
     image = dm.render(dm.val_tensor()[:4])
     assert image.dtype == np.uint8 and image.shape == (2 * 34 + 2, 2 * 34 + 2, 3)
+
+
+def test_out_of_range_labels_are_refused_at_setup(fake: dict[str, Any]) -> None:
+    labels = np.arange(N_TEST) % 10
+    labels[[1, 3]] = [12, 255]  # idx1-ubyte holds any byte; MNIST's classes are 0..9
+    write_idx_labels(fake["folder"] / "t10k-labels-idx1-ubyte", labels)
+    dm = fake["cls"](root=fake["root"])
+    with pytest.raises(ValueError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    name = fake["cls"].__name__
+    assert message.startswith(f"{name} val labels: 2 of {N_TEST} labels lie outside the class range 0..9")
+    assert f"values [12, 255] in {fake['folder'] / 't10k-labels-idx1-ubyte'} (2, first at row 1)" in message
