@@ -41,6 +41,7 @@ from torch import Tensor
 
 from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion.schedules import NoiseSchedule
+from diffusion_lab.records import RecordError, TypeSpec, check_record, is_number, read_record, short_repr
 from diffusion_lab.samplers.base import (
     EDM_SIGMA_MAX,
     F64,
@@ -280,8 +281,52 @@ def tune_command(ckpt_path: str | Path, sampler_name: str, steps: int) -> str:
     )
 
 
+# What :func:`load_tuned_grid` reads from a grid record (dotted: nested); the rest of the record is its protocol.
+GRID_RECORD_KEYS: dict[str, TypeSpec] = {
+    "grid": list,
+    "sampler_name": str,
+    "steps": int,
+    "sampler": dict,
+    "ema": bool,
+    "checkpoint": dict,
+    "checkpoint.sha256": str,
+    "checkpoint.global_step": (int, type(None)),
+}
+GRID_RECORD = "sampler.grid=tuned: the grid record"  # what a grid file is called in messages
+
+
+def _grid_problems(record: dict[str, Any]) -> list[str]:
+    """What is wrong with a record's keys and its ``grid`` (``steps + 1`` numbers); empty when nothing is."""
+    problems = check_record(record, GRID_RECORD_KEYS)
+    if problems:
+        return problems
+    grid, steps = record["grid"], record["steps"]
+    if len(grid) != steps + 1 or not all(is_number(v) for v in grid):
+        return [f"key 'grid' is {short_repr(grid)}, expected a list of steps + 1 = {steps + 1} numbers"]
+    return []
+
+
+def read_grid_record(path: Path, fix: str | None = None) -> dict[str, Any]:
+    """A grid file read back and checked: format :data:`GRID_FORMAT`, every key of :data:`GRID_RECORD_KEYS` with
+    its type, and ``grid`` a list of ``steps + 1`` numbers.
+
+    Raises:
+        RecordError: naming the file and every problem (truncated at byte N, missing key K, key K of type X), with
+            ``fix`` (the command that fits the grid again).
+    """
+    record = read_record(path, GRID_RECORD_KEYS, GRID_RECORD, version=("format", GRID_FORMAT), fix=fix)
+    problems = _grid_problems(record)
+    if problems:
+        raise RecordError(path, GRID_RECORD, problems, fix)
+    return record
+
+
 def save_grid_record(path: Path, record: dict[str, Any]) -> None:
-    """Write a grid record (``grid``: the ``(N+1,)`` list, and its protocol) as JSON, atomically."""
+    """Write a grid record (``grid``: the ``(N+1,)`` list, and its protocol) as JSON, atomically. A record that
+    :func:`read_grid_record` would refuse is not written (ValueError naming what is wrong)."""
+    problems = _grid_problems(record)
+    if problems:
+        raise ValueError(f"not writing the grid record {path}: {'; '.join(problems)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"format": GRID_FORMAT, **record}, indent=2) + "\n")
@@ -299,7 +344,7 @@ def load_tuned_grid(
     if not path.is_file():
         raise ValueError(f"sampler.grid=tuned: no grid was fitted for {ckpt_path} with this sampler: {path} does not "
                          f"exist; {refit}")  # fmt: skip
-    record = json.loads(path.read_text())
+    record = read_grid_record(path, fix=f"fit it again with: {tune_command(ckpt_path, sampler.name, sampler.steps)}")
     problems = _mismatches(record, sampler, sampler_identity(sampler_config), ckpt_path, use_ema)
     if problems:
         raise ValueError(f"sampler.grid=tuned: {path} was fitted for {'; '.join(problems)}; {refit}")
@@ -310,9 +355,7 @@ def load_tuned_grid(
 def _mismatches(
     record: dict[str, Any], sampler: Sampler, identity: dict[str, Any], ckpt_path: str | Path, use_ema: bool
 ) -> list[str]:
-    """What differs between a grid record and the request (empty: it fits)."""
-    if record.get("format") != GRID_FORMAT:
-        return [f"another file format ({record.get('format')!r}, expected {GRID_FORMAT!r})"]
+    """What differs between a grid record (checked by :func:`read_grid_record`) and the request (empty: it fits)."""
     problems = []
     if (record["sampler_name"], record["steps"]) != (sampler.name, sampler.steps):
         problems.append(f"sampler={record['sampler_name']} steps={record['steps']}")

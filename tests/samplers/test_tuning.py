@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from diffusion_lab.diffusion import LinearSchedule, X0Parameterization
 from diffusion_lab.diffusion.analytic import GaussianMixture, OracleNetwork
 from diffusion_lab.diffusion.denoiser import Denoiser
+from diffusion_lab.records import RecordError
 from diffusion_lab.samplers import DDIMSampler, DPMSolverSampler, HeunSampler, time_grid
 from diffusion_lab.samplers import tuning as tuning_module
 from diffusion_lab.samplers.base import TUNED_GRID
@@ -164,3 +166,78 @@ def test_a_grid_fitted_for_something_else_is_refused(tmp_path, dpm5_fit):
     ckpt.write_bytes(b"weights v2")  # e.g. training continued into last.ckpt
     with pytest.raises(ValueError, match=r"checkpoint sha256 .* \(step 7\), but .* now"):
         load_tuned_grid(DPMSolverSampler(steps=5, grid=TUNED_GRID), tuned, ckpt, use_ema=True)
+
+
+# ------------------------------------------------------------------------------ a damaged grid file names itself
+
+
+def _damaged(tmp_path, damage) -> tuple:
+    """A valid grid file for ``last.ckpt``, then ``damage(text) -> text`` applied to it; (ckpt, path)."""
+    ckpt = write_record(tmp_path, [1.0, 0.5, 0.25, 0.1, 0.05, 0.0])
+    path = grid_file(ckpt, "dpm_solver", 5)
+    path.write_text(damage(path.read_text()))
+    return ckpt, path
+
+
+def _load(ckpt):
+    return load_tuned_grid(DPMSolverSampler(steps=5, grid=TUNED_GRID), {**SETTINGS, "grid": TUNED_GRID}, ckpt, True)
+
+
+def _edit(change):
+    """A damage that parses the record, applies ``change(record)`` and writes it back."""
+
+    def damage(text: str) -> str:
+        record = json.loads(text)
+        change(record)
+        return json.dumps(record)
+
+    return damage
+
+
+SIX = r"expected a list of steps \+ 1 = 6 numbers"
+REFIT = r"fit it again with: dlab-tune-grid ckpt_path=\S+last\.ckpt sampler=dpm_solver sampler\.steps=5"
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda text: text[: len(text) // 2], r"not valid JSON: truncated at byte \d+ \([^)]*\)"),
+        (lambda text: "", r"empty \(0 bytes\), not JSON"),
+        (lambda text: "[1.0, 0.0]", "holds a JSON array, expected an object"),
+        (_edit(lambda r: r["checkpoint"].pop("sha256")), r"missing key 'checkpoint\.sha256' \(string\)"),
+        (_edit(lambda r: r.pop("ema")), r"missing key 'ema' \(boolean\)"),
+        (_edit(lambda r: r.update(steps="5")), r"key 'steps' is string \('5'\), expected integer"),
+        (_edit(lambda r: r.update(ema=1)), r"key 'ema' is integer \(1\), expected boolean"),
+        (_edit(lambda r: r.update(checkpoint="abc")), r"key 'checkpoint' is string \('abc'\), expected object"),
+        (_edit(lambda r: r.update(grid=[1.0, "0.5", 0.0])), rf"key 'grid' is \[1\.0, '0\.5', 0\.0\], {SIX}"),
+        (_edit(lambda r: r.update(grid=[1.0, 0.0])), rf"key 'grid' is \[1\.0, 0\.0\], {SIX}"),
+        (_edit(lambda r: r.update(format="diffusion_lab.tuned_grid/0")), r"format 'diffusion_lab\.tuned_grid/0', "
+         r"expected format 'diffusion_lab\.tuned_grid/1'"),
+    ],
+    ids=["truncated", "empty", "not-an-object", "no-sha256", "no-ema", "steps-str", "ema-int", "checkpoint-str",
+         "grid-str", "grid-short", "other-format"],
+)  # fmt: skip
+def test_a_damaged_grid_file_is_refused_naming_the_file_the_problem_and_the_command(tmp_path, damage, problem):
+    ckpt, path = _damaged(tmp_path, damage)
+    named = rf"^sampler\.grid=tuned: the grid record {re.escape(str(path))}: {problem}; {REFIT}"
+    with pytest.raises(RecordError, match=named):
+        _load(ckpt)
+
+
+def test_every_problem_of_a_grid_file_is_listed_at_once(tmp_path):
+    ckpt, path = _damaged(tmp_path, _edit(lambda r: (r.pop("sampler_name"), r.update(steps=5.5, sampler=[]))))
+    with pytest.raises(RecordError) as err:
+        _load(ckpt)
+    assert err.value.path == path
+    assert err.value.problems == [
+        "missing key 'sampler_name' (string)",
+        "key 'steps' is number (5.5), expected integer",
+        "key 'sampler' is array ([]), expected object",
+    ]
+
+
+def test_a_grid_record_that_would_be_refused_is_not_written(tmp_path):
+    with pytest.raises(ValueError, match=r"not writing the grid record .*: missing key 'checkpoint\.sha256'"):
+        record = {"grid": [1.0, 0.0], "sampler_name": "ddim", "steps": 1, "sampler": {}, "ema": False}
+        save_grid_record(tmp_path / "g.json", {**record, "checkpoint": {"global_step": 1}})
+    assert not (tmp_path / "g.json").exists()

@@ -87,9 +87,7 @@ def test_a_fit_better_by_one_ulp_on_held_out_draws_is_accepted(monkeypatch):
 SETTINGS = {"_target_": "diffusion_lab.samplers.DPMSolverSampler", "steps": 5, "order": 2, "clip_x0": None}
 
 
-# The grid record reader does not check the record's fields yet: today a record without checkpoint.sha256 is a bare
-# KeyError('sha256') from tuning._mismatches. Drop the xfail once load_tuned_grid refuses it with a ValueError.
-@pytest.mark.xfail(raises=KeyError, strict=True, reason="grid record fields are not checked yet (KeyError)")
+# A record without checkpoint.sha256 is refused with a ValueError (RecordError) naming the file and the key.
 def test_a_grid_record_without_the_checkpoint_sha256_is_refused_naming_the_file(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
