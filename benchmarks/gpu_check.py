@@ -58,7 +58,7 @@ def compare_checkpoints(a: Path, b: Path) -> dict[str, Any]:
     """Largest difference between two checkpoints' raw and EMA tensors; every key and shape must match."""
     import torch
 
-    from diffusion_lab.module import load_checkpoint
+    from diffusion_lab.checkpoint_loading import load_checkpoint
 
     sa, sb = load_checkpoint(a)["state_dict"], load_checkpoint(b)["state_dict"]
     mismatched = sorted(set(sa) ^ set(sb)) + [k for k in sa if k in sb and sa[k].shape != sb[k].shape]

@@ -58,7 +58,8 @@ from diffusion_lab.diffusion import Denoiser, EpsParameterization, LinearSchedul
 from diffusion_lab.diffusion.analytic import FullCovarianceMixture, GaussianMixture, Mixture, OracleNetwork
 from diffusion_lab.metrics.toy2d import energy_distance
 from diffusion_lab.samplers import Sampler
-from diffusion_lab.samplers.tuning import FitOptions, fit_grid
+from diffusion_lab.samplers.tuning import fit_grid
+from diffusion_lab.schema.jobs import FitOptions
 
 NFES = (5, 10, 20, 50, 100)
 T = 1000

@@ -41,7 +41,7 @@ from torch import nn
 from diffusion_lab.callbacks.nan_guard import NonFiniteGuard
 from diffusion_lab.config import register_configs
 from diffusion_lab.module import build_module
-from diffusion_lab.train import CONFIG_DIR
+from diffusion_lab.schema.registry import CONFIG_DIR
 
 SHAPE = (3, 32, 32)
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"

@@ -15,47 +15,25 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-TMP_PREFIX = ".tmp-"  # temp files never end in .ckpt, so a crash leaves no file that looks like a checkpoint
+from diffusion_lab.atomic import TMP_PREFIX, atomic_write
+
 CHECKSUM_KEY = "diffusion_lab_checksum"  # {"algorithm": "sha256", "entries": {top-level key: hex digest}}
+FORMAT_KEY = "diffusion_lab_format"  # the checkpoint format's version (an int); absent: format 1
+# 1: no format entry; 2: the entry exists, the stored config is checked against the schemas and built through the
+# registries on load. Bump when what a checkpoint holds changes meaning.
+FORMAT_VERSION = 2
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` through a temp file in the same directory + fsync + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (the directory entry); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """``torch.save(obj, path)`` through a temp file in the same directory + fsync + ``os.replace``
+    (:func:`~diffusion_lab.atomic.atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:
@@ -66,6 +44,12 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
         with contextlib.suppress(OSError):
             p.unlink()
     return stale
+
+
+def checkpoint_format(checkpoint: dict[str, Any]) -> int | str:
+    """The format a checkpoint declares (1 when it has no :data:`FORMAT_KEY` entry, as before the entry existed)."""
+    value = checkpoint.get(FORMAT_KEY, 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) else repr(value)
 
 
 # ---------------------------------------------------------------------------------------------- checksums

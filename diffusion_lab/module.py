@@ -19,19 +19,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from diffusion_lab.checkpoint_loading import (  # noqa: F401  (re-exported: callers import them from here)
-    RESUME_KEYS,
-    IncompatibleCheckpointError,
-    check_resume_compatible,
-    config_diff,
-    load_checkpoint,
-    load_module,
-)
+from diffusion_lab.checkpoint_file import FORMAT_KEY, FORMAT_VERSION
 from diffusion_lab.diffusion import (
     Denoiser,
     DiffusionLoss,
@@ -43,6 +35,7 @@ from diffusion_lab.diffusion import (
 from diffusion_lab.diffusion.guidance import GuidedDenoiser, drop_labels
 from diffusion_lab.samplers import SampleOutput, Sampler
 from diffusion_lab.samplers.base import IndexedGenerator
+from diffusion_lab.schema.registry import build_option
 
 # Log-SNR bucket edges for the loss-vs-λ curve (Kingma & Gao 2023 plot the loss against λ).
 LOG_SNR_EDGES = (-10.0, -5.0, -2.5, 0.0, 2.5, 5.0, 10.0)
@@ -278,6 +271,7 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffusion_lab_config"] = self.config
+        checkpoint[FORMAT_KEY] = FORMAT_VERSION
         checkpoint["data_shape"] = list(self.data_shape)
         checkpoint["time_sampler"] = self.loss_fn.time_sampler.state_dict()
 
@@ -295,11 +289,11 @@ def build_module(cfg: DictConfig, data_shape: Sequence[int]) -> DiffusionModule:
     assert isinstance(container, dict)
     return DiffusionModule(
         net=build_network(cfg.model, data_shape, cfg.loss.learned_variance),
-        schedule=instantiate(cfg.schedule),
-        parameterization=instantiate(cfg.parameterization),
-        weighting=instantiate(cfg.weighting),
-        time_sampler=instantiate(cfg.time_sampler),
-        sampler=instantiate(cfg.sampler),
+        schedule=build_option("schedule", cfg.schedule),
+        parameterization=build_option("parameterization", cfg.parameterization),
+        weighting=build_option("weighting", cfg.weighting),
+        time_sampler=build_option("time_sampler", cfg.time_sampler),
+        sampler=build_option("sampler", cfg.sampler),
         data_shape=data_shape,
         optim=container["optim"],
         ema=container["ema"],
@@ -325,9 +319,9 @@ def set_num_classes(cfg: DictConfig, dataset_num_classes: int | None) -> None:
 def build_network(model_cfg: DictConfig, data_shape: Sequence[int], learned_variance: bool) -> nn.Module:
     """Instantiate the network; a learned reverse variance doubles its output channels (dim 1)."""
     if not learned_variance:
-        return instantiate(model_cfg)
+        return build_option("model", model_cfg)
     key = "out_channels" if "out_channels" in model_cfg else "out_dim"
-    return instantiate(model_cfg, **{key: 2 * int(data_shape[0])})
+    return build_option("model", model_cfg, extra={key: 2 * int(data_shape[0])})
 
 
 def apply_scale_switches(module: DiffusionModule, compile: bool = False, channels_last: bool = False) -> None:

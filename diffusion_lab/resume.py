@@ -38,7 +38,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.module import check_resume_compatible, config_diff, load_checkpoint
+from diffusion_lab.checkpoint_loading import check_resume_compatible, config_diff, load_checkpoint
 from diffusion_lab.schema.errors import ConfigError
 
 RESUMES_KEY = "diffusion_lab_resumes"  # the checkpoint's list of resumes (step + changed keys)

@@ -16,13 +16,12 @@ import argparse
 import json
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion_lab.callbacks import generate_in_batches
-from diffusion_lab.config import option_config, option_names
+from diffusion_lab.checkpoint_loading import load_module
 from diffusion_lab.metrics.digits import DigitsFrechetDistance
-from diffusion_lab.module import load_module
+from diffusion_lab.schema.registry import build_option, option_config, option_names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sampler not in option_names("sampler"):
         raise SystemExit(f"unknown --sampler {args.sampler!r}; valid choices: {sorted(option_names('sampler'))}")
     schema = option_config("sampler", args.sampler)
-    sampler = instantiate(OmegaConf.merge(schema, {"steps": args.steps, "clip_x0": 1.0}))
-    dataset = instantiate(OmegaConf.create(module.config)["dataset"])
+    sampler = build_option("sampler", OmegaConf.merge(schema, {"steps": args.steps, "clip_x0": 1.0}))
+    dataset = build_option("dataset", module.config["dataset"])
     dataset.setup("fit")
     metric = DigitsFrechetDistance(resize=module.config["metrics"]["resize"])
     ref = metric.reference_stats(dataset.train_tensor())

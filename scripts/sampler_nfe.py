@@ -22,17 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion_lab.callbacks import generate_in_batches
-from diffusion_lab.callbacks.checkpoint import RUN_KEY, WANDB_KEY
+from diffusion_lab.callbacks.exact_resume import RUN_KEY, WANDB_KEY
+from diffusion_lab.checkpoint_jobs import build_sampler
+from diffusion_lab.checkpoint_loading import load_checkpoint, load_module
 from diffusion_lab.config import register_configs
 from diffusion_lab.metrics import protocol_key
-from diffusion_lab.module import load_checkpoint, load_module
-from diffusion_lab.sample import build_sampler
+from diffusion_lab.schema.registry import CONFIG_DIR, build_option
 from diffusion_lab.tracking import RunInfo, track_job, training_run
-from diffusion_lab.train import CONFIG_DIR, build_metric
+from diffusion_lab.train import build_metric
 
 MAX_REFERENCE = 10_000  # reference examples, as the training-time evaluation uses
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     module = load_module(args.ckpt)
     assert module.config is not None
     run_cfg = OmegaConf.create(module.config)
-    datamodule = instantiate(run_cfg.dataset)
+    datamodule = build_option("dataset", run_cfg.dataset)
     datamodule.setup("fit")
     metric = build_metric(run_cfg, datamodule)
     if metric is None:

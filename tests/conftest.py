@@ -13,7 +13,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @pytest.fixture
 def config_dir() -> str:
-    from diffusion_lab.train import CONFIG_DIR
+    from diffusion_lab.schema.registry import CONFIG_DIR
 
     return CONFIG_DIR
 
@@ -27,7 +27,7 @@ def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from torch import nn
     from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
-    from diffusion_lab.metrics.fidelity import INCEPTION
+    from diffusion_lab.metrics.inception import INCEPTION
 
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     with (

@@ -10,14 +10,11 @@ import warnings
 import pytest
 import torch
 
-from diffusion_lab.callbacks.checkpoint import (
-    CHECKSUM_KEY,
-    AtomicCheckpointIO,
-    CheckpointError,
-    atomic_torch_save,
-)
+from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
 from diffusion_lab.callbacks.nan_guard import NonFiniteError
-from diffusion_lab.module import DiffusionModule, load_checkpoint, load_module
+from diffusion_lab.checkpoint_file import CHECKSUM_KEY, CheckpointError, atomic_torch_save
+from diffusion_lab.checkpoint_loading import load_checkpoint, load_module
+from diffusion_lab.module import DiffusionModule
 from diffusion_lab.train import train
 from tests.test_reliability import QUIET, _poison
 from tests.test_train import TINY_TOY, compose_train

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from diffusion_lab.config import register_configs, validate_config
 from diffusion_lab.schema.errors import ConfigError
-from diffusion_lab.train import CONFIG_DIR
+from diffusion_lab.schema.registry import CONFIG_DIR
 
 register_configs()
 GROUPS = [

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from diffusion_lab.config import register_configs
 from diffusion_lab.module import build_module, log_snr_bucket_names, warmup_factor
-from diffusion_lab.train import CONFIG_DIR
+from diffusion_lab.schema.registry import CONFIG_DIR
 
 register_configs()
 

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from diffusion_lab import config
 from diffusion_lab.diffusion import Denoiser, DiffusionLoss, EpsParameterization, UniformTimeSampler
 from diffusion_lab.diffusion.weightings import EpsMSEWeighting
+from diffusion_lab.schema import registry
 
 YAML = """\
 # Linear in log-SNR (tests/example_schedule.py).
@@ -26,13 +27,15 @@ log_snr_max: 8.0
 def conf_with_new_schedule(tmp_path, monkeypatch):
     """A copy of conf/ plus conf/schedule/linear_log_snr.yaml, registered as the config layer would be."""
     conf = tmp_path / "conf"
-    shutil.copytree(config.CONFIG_DIR, conf)
+    shutil.copytree(registry.CONFIG_DIR, conf)
     (conf / "schedule" / "linear_log_snr.yaml").write_text(YAML)
-    monkeypatch.setattr(config, "CONFIG_DIR", str(conf))
-    config._option_files.cache_clear()
+    monkeypatch.setattr(registry, "CONFIG_DIR", str(conf))
+    registry.option_files.cache_clear()
+    registry.option_targets.cache_clear()
     config.register_configs()
     yield str(conf)
-    config._option_files.cache_clear()
+    registry.option_files.cache_clear()
+    registry.option_targets.cache_clear()
 
 
 def _compose(conf: str, *overrides: str):

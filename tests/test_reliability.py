@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_lab.callbacks.checkpoint import (
-    TMP_PREFIX,
-    WANDB_KEY,
-    EpochSeededSampler,
-    atomic_torch_save,
-)
+from diffusion_lab.atomic import TMP_PREFIX
+from diffusion_lab.callbacks.exact_resume import WANDB_KEY, EpochSeededSampler
 from diffusion_lab.callbacks.nan_guard import NonFiniteError
+from diffusion_lab.checkpoint_file import atomic_torch_save
+from diffusion_lab.checkpoint_loading import IncompatibleCheckpointError, load_checkpoint
 from diffusion_lab.config import validate_config
-from diffusion_lab.module import DiffusionModule, IncompatibleCheckpointError, load_checkpoint
+from diffusion_lab.module import DiffusionModule
 from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.train import train
 from tests.test_train import TINY_DIGITS, TINY_TOY, compose_train
@@ -170,7 +168,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, signum):
 def test_ddp_stop_and_resume_is_bit_identical_with_a_random_stream_per_rank(tmp_path):
     """2-process CPU DDP (gloo): stopped after step 5 (mid-epoch) and resumed to 12, the raw and EMA weights equal
     an uninterrupted run's. Each rank draws from its own stream (seed·W + rank) and gets it back on resume."""
-    from diffusion_lab.callbacks.checkpoint import RNG_PER_RANK_KEY
+    from diffusion_lab.callbacks.exact_resume import RNG_PER_RANK_KEY
 
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "dataset.batch_size=64",
            "callbacks.checkpoint_every_n_steps=5"]  # fmt: skip
@@ -225,7 +223,7 @@ def test_ddp_sigterm_to_rank_zero_checkpoints_on_every_rank_and_resumes_exactly(
 
 def test_fewer_examples_per_rank_than_a_batch_is_a_clear_error(tmp_path):
     """Instead of a run of zero steps: 512 examples over 2 ranks cannot fill a 300-example batch."""
-    from diffusion_lab.callbacks.checkpoint import check_batches_per_rank
+    from diffusion_lab.callbacks.exact_resume import check_batches_per_rank
 
     check_batches_per_rank(512, 256, 2, drop_last=True)
     check_batches_per_rank(512, 300, 2, drop_last=False)  # a partial batch still trains
@@ -384,7 +382,7 @@ def test_nonfinite_option_is_validated():
 BAD_VALUES = [
     ([], "trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is out of range; valid: an integer"),
     ([], "dataset.batch_size=0", "dataset.batch_size=0 is out of range; valid: an integer >= 1"),
-    ([], "optim.lr=0", "optim.lr=0.0 is out of range; valid: a number > 0"),
+    ([], "optim.lr=0", "optim.lr=0.0 is out of range; valid: a finite number > 0"),
     ([], "optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5] is out of range; valid: two numbers in [0, 1)"),
     ([], "ema.decay=1.5", "ema.decay=1.5 is out of range; valid: a number in (0, 1)"),
     ([], "cond.p_uncond=1.2", "cond.p_uncond=1.2 is out of range; valid: a probability in [0, 1]"),
@@ -524,7 +522,7 @@ def test_sigusr1_requeues_a_slurm_job_with_auto_requeue_and_nothing_else(tmp_pat
 
     from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 
-    from diffusion_lab.callbacks.checkpoint import requeue_slurm_job
+    from diffusion_lab.callbacks.stop_signals import requeue_slurm_job
 
     scontrol = tmp_path / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_lab.callbacks.checkpoint import resolve_resume
-from diffusion_lab.module import load_checkpoint
+from diffusion_lab.callbacks.exact_resume import resolve_resume
+from diffusion_lab.checkpoint_loading import load_checkpoint
 from diffusion_lab.resume import RESUMES_KEY, ResumeRefusedError
-from diffusion_lab.tracking import AppendingCSVLogger, _log_records, read_offline_run
+from diffusion_lab.tracking import AppendingCSVLogger, read_offline_run
+from diffusion_lab.tracking.offline import _log_records
 from diffusion_lab.train import train
 from tests.test_train import TINY_TOY, compose_train
 

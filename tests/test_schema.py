@@ -14,8 +14,10 @@ from omegaconf.errors import ValidationError
 
 from diffusion_lab import config
 from diffusion_lab.samplers import DDIMSampler, DDPMSampler, EDMSampler
+from diffusion_lab.schema import registry
 from diffusion_lab.schema.choices import Grid
 from diffusion_lab.schema.domains import POSITIVE_INT
+from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.schema.signature import SchemaError, domain_rules, schema_of
 
 # Constructor parameters that are objects handed over by the code (not settings), left out of every schema.
@@ -38,12 +40,12 @@ def _runtime_parameters(cls: type) -> dict[str, inspect.Parameter]:
     return params
 
 
-OPTIONS = [(g, n) for g in config.OPTION_GROUPS for n in config.option_names(g) if g != "metrics" or n != "none"]
+OPTIONS = [(g, n) for g in registry.OPTION_GROUPS for n in registry.option_names(g) if g != "metrics" or n != "none"]
 
 
 @pytest.mark.parametrize(("group", "name"), OPTIONS, ids=[f"{g}={n}" for g, n in OPTIONS])
 def test_the_schema_read_from_source_matches_the_imported_signature(group, name):
-    schema = config.option_schema(group, name)
+    schema = registry.option_schema(group, name)
     target = OmegaConf.structured(schema)._target_
     runtime = _runtime_parameters(get_class(target))
     derived = {f.name: f for f in dataclasses.fields(schema) if f.name != "_target_"}
@@ -93,7 +95,7 @@ def test_a_domain_rule_fires_at_construction_with_the_class_and_parameter():
 def test_a_config_node_with_an_out_of_range_value_names_the_full_key():
     cfg = OmegaConf.create({"sampler": OmegaConf.structured(schema_of("diffusion_lab.samplers.DDIMSampler"))})
     cfg.sampler.steps = 0
-    with pytest.raises(config.ConfigError, match=r"^sampler.steps=0 is out of range; valid: an integer >= 1$"):
+    with pytest.raises(ConfigError, match=r"^sampler.steps=0 is out of range; valid: an integer >= 1$"):
         config.check_domains(cfg)
 
 

@@ -11,8 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from diffusion_lab.config import CONFIG_DIR, register_configs
+from diffusion_lab.config import register_configs
 from diffusion_lab.schema.errors import ConfigError
+from diffusion_lab.schema.registry import CONFIG_DIR
 from diffusion_lab.sweep_check import check_sweep, sweep_jobs
 
 register_configs()

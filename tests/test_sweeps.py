@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from diffusion_lab.config import register_configs, validate_config
-from diffusion_lab.train import CONFIG_DIR
+from diffusion_lab.schema.registry import CONFIG_DIR
 
 register_configs()
 ROOT = Path(__file__).resolve().parents[1]

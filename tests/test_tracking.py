@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
 
 from diffusion_lab.config import register_configs
+from diffusion_lab.schema.registry import CONFIG_DIR
 from diffusion_lab.tracking import (
     ablation_tags,
     build_loggers,
@@ -18,7 +19,7 @@ from diffusion_lab.tracking import (
     run_info,
     sweep_group,
 )
-from diffusion_lab.train import CONFIG_DIR, train
+from diffusion_lab.train import train
 
 register_configs()
 TINY_TOY = ["experiment=toy2d", "model.hidden=32", "model.num_layers=2", "dataset.num_train=512", "dataset.num_val=64"]
@@ -144,9 +145,9 @@ def _compose_job(name, overrides):
 def test_sample_and_eval_jobs_are_w_and_b_runs_in_the_training_runs_group(wandb_run, tmp_path):
     """dlab-sample / dlab-evaluate record job_type sample / eval, join the training run's group and tags, link
     its W&B run and config, and write summary.json beside their outputs."""
+    from diffusion_lab.checkpoint_jobs import track
     from diffusion_lab.evaluate import run as evaluate
     from diffusion_lab.sample import run as sample
-    from diffusion_lab.sample import track
 
     run_dir, _, _ = wandb_run
     ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
@@ -205,8 +206,8 @@ def test_logsnr_profile_orders_buckets_by_log_snr_and_averages_the_tail():
 def test_a_job_on_an_unfinished_runs_checkpoint_is_filed_from_what_the_checkpoint_stores(wandb_run, tmp_path):
     """Before summary.json exists (training still going, or killed), the checkpoint's own record of the run's
     name, group and tags files the job; an evaluate job's default metrics choice is not one of its axes."""
-    from diffusion_lab.callbacks.checkpoint import RUN_KEY
-    from diffusion_lab.module import load_checkpoint
+    from diffusion_lab.callbacks.exact_resume import RUN_KEY
+    from diffusion_lab.checkpoint_loading import load_checkpoint
     from diffusion_lab.tracking import training_run
 
     run_dir, _, _ = wandb_run

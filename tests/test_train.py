@@ -11,10 +11,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
+from diffusion_lab.checkpoint_loading import load_checkpoint, load_module
 from diffusion_lab.config import register_configs, validate_config
-from diffusion_lab.module import load_checkpoint, load_module
 from diffusion_lab.schema.errors import ConfigError
-from diffusion_lab.train import CONFIG_DIR, train
+from diffusion_lab.schema.registry import CONFIG_DIR
+from diffusion_lab.train import train
 
 register_configs()
 TINY_TOY = [
@@ -233,7 +234,7 @@ SAMPLER_CASES = [
 @pytest.mark.parametrize(("name", "overrides", "nfe"), SAMPLER_CASES, ids=[f"{c[0]}-{c[2]}" for c in SAMPLER_CASES])
 def test_any_sampler_on_an_existing_checkpoint(toy_run, tmp_path, name, overrides, nfe):
     """``dlab-sample … sampler=<any>``: the run's unbounded data keep clip_x0=null unless it is overridden."""
-    from diffusion_lab.sample import build_sampler
+    from diffusion_lab.checkpoint_jobs import build_sampler
     from diffusion_lab.sample import run as sample_run
 
     run_dir, _ = toy_run

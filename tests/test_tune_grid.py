@@ -113,5 +113,5 @@ def test_tune_grid_refuses_an_adaptive_or_stochastic_sampler(tuned_ckpt, tmp_pat
         tune_run(compose_named("tune_grid", [*base, "sampler=rk45"]))
     with pytest.raises(ValueError, match="draws noise while it samples"):
         tune_run(compose_named("tune_grid", [*base, "sampler=ddim", "sampler.steps=3", "sampler.eta=1.0"]))
-    with pytest.raises(ConfigError, match="num_draws=0: must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="num_draws=0 is out of range; valid: an integer >= 1"):
         tune_run(compose_named("tune_grid", [f"ckpt_path={ckpt}", "num_draws=0"]))

@@ -72,7 +72,8 @@ def test_the_crafted_files_are_live(tmp_path: Path, marker: Path) -> None:
 
 
 def test_inception_weights_file_is_read_weights_only(tmp_path: Path, marker: Path) -> None:
-    from diffusion_lab.metrics.fidelity import FidelityMetric, InceptionWeightsError
+    from diffusion_lab.metrics.fidelity import FidelityMetric
+    from diffusion_lab.metrics.inception import InceptionWeightsError
 
     path = crafted_torch_file(tmp_path / "weights-inception.pth", marker)
     metric = FidelityMetric(inception_weights=str(path), cache_dir=str(tmp_path / "cache"))
@@ -85,7 +86,8 @@ def test_inception_weights_at_the_torch_hub_path_are_read_weights_only(
     tmp_path: Path, marker: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``metrics.inception_weights=null`` uses torch hub's copy; a planted file there is refused too."""
-    from diffusion_lab.metrics.fidelity import INCEPTION_WEIGHTS_FILE, FidelityMetric, InceptionWeightsError
+    from diffusion_lab.metrics.fidelity import FidelityMetric
+    from diffusion_lab.metrics.inception import INCEPTION_WEIGHTS_FILE, InceptionWeightsError
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     crafted_torch_file(tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE, marker)
@@ -97,7 +99,8 @@ def test_inception_weights_at_the_torch_hub_path_are_read_weights_only(
 def test_torch_fidelity_never_unpickles_the_weights_file(tmp_path: Path, marker: Path) -> None:
     """Skipping ``check_ready``: ``compute`` hands torch-fidelity our weights-only extractor, not its own (whose
     ``torch.load(weights_only=False)`` would run the file)."""
-    from diffusion_lab.metrics.fidelity import FidelityMetric, InceptionWeightsError
+    from diffusion_lab.metrics.fidelity import FidelityMetric
+    from diffusion_lab.metrics.inception import InceptionWeightsError
 
     path = crafted_torch_file(tmp_path / "weights-inception.pth", marker)
     metric = FidelityMetric(
@@ -117,7 +120,8 @@ def test_reference_cache_file_is_checked_before_torch_fidelity_loads_it(
     tmp_path: Path, marker: Path, inception_weights: Path
 ) -> None:
     """A planted FID-statistics file, named as torch-fidelity would look it up, is refused before it is read."""
-    from diffusion_lab.metrics.fidelity import INCEPTION_WEIGHTS_ONLY, FidelityCacheError, FidelityMetric
+    from diffusion_lab.metrics.fidelity import FidelityMetric
+    from diffusion_lab.metrics.inception import INCEPTION_WEIGHTS_ONLY, FidelityCacheError
 
     cache = tmp_path / "cache"
     metric = FidelityMetric(
@@ -133,7 +137,7 @@ def test_reference_cache_file_is_checked_before_torch_fidelity_loads_it(
 
 
 def test_cache_check_accepts_tensors_and_float_arrays_only(tmp_path: Path, marker: Path) -> None:
-    from diffusion_lab.metrics.fidelity import FidelityCacheError, check_cache_files
+    from diffusion_lab.metrics.inception import FidelityCacheError, check_cache_files
 
     torch.save({"mu": np.zeros(3), "sigma": np.eye(3, dtype=np.float32)}, tmp_path / "ref-x-stat-fid-2048.pt")
     torch.save(torch.zeros(4, 2048), tmp_path / "ref-x-features-2048.pt")
@@ -166,7 +170,7 @@ def test_digits_classifier_cache_is_refused_and_retrained(
 
 
 def test_digits_feature_extractor_weights_are_read_weights_only(tmp_path: Path, marker: Path) -> None:
-    from diffusion_lab.metrics.fidelity import DigitsFeatureExtractor
+    from diffusion_lab.metrics.digits_fidelity import DigitsFeatureExtractor
 
     path = crafted_torch_file(tmp_path / "digits.pt", marker)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
@@ -178,7 +182,7 @@ def test_digits_feature_extractor_weights_are_read_weights_only(tmp_path: Path, 
 
 
 def test_checkpoint_is_read_weights_only(tmp_path: Path, marker: Path) -> None:
-    from diffusion_lab.module import load_module
+    from diffusion_lab.checkpoint_loading import load_module
 
     path = crafted_torch_file(tmp_path / "last.ckpt", marker)
     with pytest.raises(ValueError, match="weights_only=True"):

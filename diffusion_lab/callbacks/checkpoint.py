@@ -35,37 +35,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 # The names from the split-out modules are re-exported: callers import them from this module.
-from diffusion_lab.callbacks.exact_resume import (  # noqa: F401
-    RNG_KEY,
-    RNG_PER_RANK_KEY,
-    RUN_KEY,
-    WANDB_KEY,
-    EpochSeededSampler,
-    ExactResume,
-    check_batches_per_rank,
-    loop_position,
-    make_train_loader_resumable,
-    resolve_resume,
-    rng_states,
-    set_rng_states,
-    stored_wandb_run_id,
-    wandb_run_id,
-)
 from diffusion_lab.callbacks.stop_signals import (
     STOP_SIGNALS,
     TrainingInterrupted,
     agreed_signal,
     requeue_slurm_job,
 )
-from diffusion_lab.checkpoint_file import (  # noqa: F401
-    CHECKSUM_KEY,
-    TMP_PREFIX,
-    CheckpointError,
+from diffusion_lab.checkpoint_file import (
     atomic_torch_save,
-    checkpoint_digests,
     read_checkpoint,
     remove_stale_temp_files,
-    verify_checksum,
     with_checksum,
 )
 

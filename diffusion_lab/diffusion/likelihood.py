@@ -26,38 +26,21 @@ from torch import Tensor
 
 from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion.likelihood_terms import (
-    DECODERS,
-    NUM_LEVELS,
-    VARIANCES,
     _check_decoder,
     _sum_dims,
     _vlb_elementwise,
-    discretized_gaussian_log_likelihood,
-    normal_kl,
-    posterior,
     prior_kl,
     reconstruction_nll,
     reverse_log_variance,
-    vlb_term,
 )
 from diffusion_lab.diffusion.parameterizations import expand_like
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 
 __all__ = [
-    "DECODERS",
-    "NUM_LEVELS",
-    "VARIANCES",
     "ELBOOutput",
     "continuous_elbo",
     "discrete_elbo",
-    "discretized_gaussian_log_likelihood",
     "elbo_time_range",
-    "normal_kl",
-    "posterior",
-    "prior_kl",
-    "reconstruction_nll",
-    "reverse_log_variance",
-    "vlb_term",
 ]
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.denoiser import Denoiser, NetworkOutput
-from diffusion_lab.diffusion.likelihood import prior_kl, reconstruction_nll, reverse_log_variance, vlb_term
+from diffusion_lab.diffusion.likelihood_terms import prior_kl, reconstruction_nll, reverse_log_variance, vlb_term
 from diffusion_lab.diffusion.parameterizations import Coefficients
 from diffusion_lab.diffusion.time_samplers import TimeSampler
 from diffusion_lab.diffusion.weightings import Weighting

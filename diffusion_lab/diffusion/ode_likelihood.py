@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.denoiser import Denoiser
-from diffusion_lab.diffusion.likelihood import NUM_LEVELS
+from diffusion_lab.diffusion.likelihood_terms import NUM_LEVELS
 from diffusion_lab.diffusion.parameterizations import Coefficients
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 

@@ -23,8 +23,9 @@ from diffusion_lab.metrics.digits import (
     digits_split,
     load_or_train_classifier,
 )
-from diffusion_lab.metrics.fidelity import FidelityMetric, InceptionWeightsError, UInt8Images, to_uint8
+from diffusion_lab.metrics.fidelity import FidelityMetric, UInt8Images, to_uint8
 from diffusion_lab.metrics.frechet import feature_statistics, frechet_distance, trace_sqrt_product
+from diffusion_lab.metrics.inception import InceptionWeightsError
 from diffusion_lab.metrics.toy2d import (
     DEFAULT_BANDWIDTHS,
     LogProbSummary,

@@ -71,7 +71,7 @@ def digits_extractor_name(resize: str) -> str:
     return f"digits-cnn-{resize}"
 
 
-def _register_digits_extractors() -> None:
+def register_digits_extractors() -> None:
     """Register one extractor class per resize rule (idempotent: torch-fidelity refuses duplicates)."""
     for resize in DIGITS_RESIZERS:
         name = digits_extractor_name(resize)
@@ -80,4 +80,4 @@ def _register_digits_extractors() -> None:
             torch_fidelity.register_feature_extractor(name, cls)
 
 
-_register_digits_extractors()
+register_digits_extractors()

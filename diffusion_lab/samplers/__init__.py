@@ -1,16 +1,10 @@
 """Samplers: every one is driven by the denoiser contract ``D(x_t, t, y) -> x̂0`` and a time grid."""
 
-from diffusion_lab.samplers.base import (
-    GRID_OPTIONS,
-    TIME_GRIDS,
-    GridOptions,
-    SampleOutput,
-    Sampler,
-    time_grid,
-)
+from diffusion_lab.samplers.base import SampleOutput, Sampler
 from diffusion_lab.samplers.ddim import DDIMSampler
 from diffusion_lab.samplers.ddpm import DDPMSampler
 from diffusion_lab.samplers.dpm_solver import DPMSolverSampler
+from diffusion_lab.samplers.grids import GRID_OPTIONS, TIME_GRIDS, GridOptions, time_grid
 from diffusion_lab.samplers.ode import EDMSampler, EulerSampler, HeunSampler, RK45Sampler
 from diffusion_lab.samplers.sde import EulerMaruyamaSampler, PCSampler
 from diffusion_lab.samplers.unipc import UniPCSampler

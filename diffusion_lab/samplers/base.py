@@ -17,22 +17,13 @@ from tqdm.auto import tqdm
 
 from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion.schedules import NoiseSchedule
-from diffusion_lab.samplers.grids import (  # noqa: F401  (re-exported: the samplers and tests import them from here)
-    DEFAULT_RHO,
-    EDM_SIGMA_MAX,
-    EDM_SIGMA_MIN,
+from diffusion_lab.samplers.grids import (
     F64,
-    GRID_OPTIONS,
-    TIME_GRIDS,
     TUNED_GRID,
     TUNED_GRID_HELP,
     GridOptions,
-    SigmaRange,
     check_grid,
-    register_grid,
     schedule_alpha_sigma,
-    schedule_t_from_log_snr,
-    sigma_range,
     time_grid,
 )
 from diffusion_lab.schema.choices import Grid

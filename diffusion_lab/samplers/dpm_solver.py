@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusion_lab.samplers.base import CountingDenoiser, Generator, Sampler, schedule_alpha_sigma
+from diffusion_lab.samplers.base import CountingDenoiser, Generator, Sampler
+from diffusion_lab.samplers.grids import schedule_alpha_sigma
 from diffusion_lab.schema.choices import DPMSolverMethod, values
 
 METHODS = values(DPMSolverMethod)

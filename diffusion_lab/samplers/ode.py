@@ -23,14 +23,8 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-from diffusion_lab.samplers.base import (
-    CountingDenoiser,
-    Generator,
-    Sampler,
-    noise_like,
-    schedule_alpha_sigma,
-    schedule_t_from_log_snr,
-)
+from diffusion_lab.samplers.base import CountingDenoiser, Generator, Sampler, noise_like
+from diffusion_lab.samplers.grids import schedule_alpha_sigma, schedule_t_from_log_snr
 from diffusion_lab.schema.choices import Grid, RKMethod, values
 from diffusion_lab.schema.domains import FINITE_NON_NEGATIVE, NON_NEGATIVE, POSITIVE
 from diffusion_lab.schema.signature import enforce_domains

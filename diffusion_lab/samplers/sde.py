@@ -21,14 +21,8 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.schedules import NoiseSchedule
-from diffusion_lab.samplers.base import (
-    CountingDenoiser,
-    Generator,
-    Sampler,
-    noise_like,
-    posterior_coefficients,
-    schedule_alpha_sigma,
-)
+from diffusion_lab.samplers.base import CountingDenoiser, Generator, Sampler, noise_like, posterior_coefficients
+from diffusion_lab.samplers.grids import schedule_alpha_sigma
 from diffusion_lab.schema.domains import FINITE_POSITIVE, NON_NEGATIVE_INT
 from diffusion_lab.schema.signature import enforce_domains
 

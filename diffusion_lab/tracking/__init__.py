@@ -34,7 +34,7 @@ from diffusion_lab.tracking.filing import (
     sweep_group,
     training_run,
 )
-from diffusion_lab.tracking.offline import _log_records, read_offline_run  # noqa: F401  (tests read raw records)
+from diffusion_lab.tracking.offline import read_offline_run
 from diffusion_lab.tracking.writers import (
     WANDB_FLUSH_INTERVAL_S,
     AppendingCSVLogger,

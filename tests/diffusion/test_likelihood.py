@@ -15,10 +15,8 @@ from torch.distributions import Categorical, Normal, kl_divergence
 
 from diffusion_lab.diffusion.analytic import GaussianMixture, OracleNetwork
 from diffusion_lab.diffusion.denoiser import Denoiser
-from diffusion_lab.diffusion.likelihood import (
-    ELBOOutput,
-    continuous_elbo,
-    discrete_elbo,
+from diffusion_lab.diffusion.likelihood import ELBOOutput, continuous_elbo, discrete_elbo
+from diffusion_lab.diffusion.likelihood_terms import (
     discretized_gaussian_log_likelihood,
     normal_kl,
     posterior,

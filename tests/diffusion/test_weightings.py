@@ -362,7 +362,7 @@ def test_first_cell_weights_of_edm_and_sigmoid_on_ddpms_linear_schedule():
 def test_elbo_first_step_uses_the_decoder_of_val_bpd():
     """The training elbo weighting's i = 1 term is the Gaussian decoder of discrete_elbo (variance β̃_2, not β_1),
     up to the decoder's constant normaliser ½·log(2πβ̃_2) per dimension (issue 15, item 4)."""
-    from diffusion_lab.diffusion.likelihood import reverse_log_variance, vlb_term
+    from diffusion_lab.diffusion.likelihood_terms import reverse_log_variance, vlb_term
 
     sched, T, D = LinearSchedule(), 1000, 5
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import torch_fidelity
 
 from diffusion_lab.metrics.digits import DigitsFrechetDistance, classifier_path, digits_split
-from diffusion_lab.metrics.fidelity import UInt8Images, digits_extractor_name
+from diffusion_lab.metrics.digits_fidelity import digits_extractor_name
+from diffusion_lab.metrics.fidelity import UInt8Images
 
 
 def _on_uint8_grid(x: torch.Tensor) -> torch.Tensor:

@@ -21,14 +21,12 @@ import torch_fidelity.utils
 from torch import Tensor
 
 from diffusion_lab.metrics import fidelity
-from diffusion_lab.metrics.fidelity import (
+from diffusion_lab.metrics.fidelity import FidelityMetric, UInt8Images, to_uint8
+from diffusion_lab.metrics.inception import (
     INCEPTION,
     INCEPTION_WEIGHTS_FILE,
-    FidelityMetric,
     InceptionWeightsError,
-    UInt8Images,
     resolve_inception_weights,
-    to_uint8,
 )
 
 

@@ -36,7 +36,8 @@ from diffusion_lab.samplers import (
     RK45Sampler,
     time_grid,
 )
-from diffusion_lab.samplers.base import CountingDenoiser, schedule_alpha_sigma, schedule_t_from_log_snr
+from diffusion_lab.samplers.base import CountingDenoiser
+from diffusion_lab.samplers.grids import schedule_alpha_sigma, schedule_t_from_log_snr
 from diffusion_lab.samplers.sde import SDEGrid, langevin_correct, sde_coefficients
 
 F64 = torch.float64
