@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
-import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -55,10 +54,12 @@ def line_value(run: Run, by: str) -> str:
 
 
 def legend(by: str, value: str, stats: list[Stat]) -> str:
-    """``axis=value (n = …)``: the number of runs (seeds) behind the line, a range where it changes along it."""
+    """``axis=value (n = …)``: the number of runs (seeds) behind the line, a range where it changes along it, and
+    at how many points a run was nan/inf (the line has no mean there: it shows nan or inf, i.e. a gap)."""
     ns = sorted({s.n for s in stats})
     n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
-    return f"{by.replace(',', '/')}={value} (n = {n})"
+    bad = sum(1 for s in stats if s.nonfinite)
+    return f"{by.replace(',', '/')}={value} (n = {n}" + (f"; nan/inf at {bad} point(s))" if bad else ")")
 
 
 def _refuse_mixed(groups: list[list[Run]], by: str, average_over: Sequence[str], what: str) -> None:
@@ -102,7 +103,7 @@ def step_curves(runs: list[Run], by: str, metric: str, smooth: int,
         members[line_value(run, by)].append(run)
         for i, (step, _) in enumerate(points):
             window = [v for _, v in points[max(0, i - smooth + 1) : i + 1]]
-            per_value[line_value(run, by)][step].append(statistics.fmean(window))
+            per_value[line_value(run, by)][step].append(sum(window) / len(window))  # nan/inf stay nan/inf
     _refuse_mixed(list(members.values()), by, average_over, "a line of metric_vs_step.png")
     return {k: {s: make_table.summarize(v) for s, v in sorted(c.items())} for k, c in per_value.items()}
 
@@ -143,14 +144,15 @@ def nfe_curves(runs: list[Run], by: str, pattern: str,
     return (next(iter(keys)) if len(keys) == 1 else pattern), dict(curves)
 
 
-def _subtitle(average_over: Sequence[str]) -> str:
-    """What a line is: the mean ± s.e. over seeds (and the axes pooled on request)."""
+def _subtitle(average_over: Sequence[str], note: str = "") -> str:
+    """What a line is: the mean ± s.e. over seeds (and the axes pooled on request); then ``note``, what the plot
+    leaves out (started runs without a summary)."""
     extra = f", averaged over {', '.join(average_over)}" if average_over else ""
-    return f"mean ± s.e. over seeds{extra}"
+    return f"mean ± s.e. over seeds{extra}" + (f"\n{note}" if note else "")
 
 
 def _plot_steps(runs: list[Run], by: str, out: Path, metric: str, smooth: int,
-                average_over: Sequence[str]) -> Path | None:  # fmt: skip
+                average_over: Sequence[str], note: str = "") -> Path | None:  # fmt: skip
     """metric_vs_step.png (None without CSVs)."""
     curves = step_curves(runs, by, metric, smooth, average_over)
     if not curves:
@@ -160,12 +162,14 @@ def _plot_steps(runs: list[Run], by: str, out: Path, metric: str, smooth: int,
     for value, curve in curves.items():
         stats = list(curve.values())
         plot_band(ax, list(curve), [s.mean for s in stats], [s.sem for s in stats], legend(by, value, stats))
-    ax.set(xlabel="training step", ylabel=metric, yscale="log", title=f"{metric} by {by}\n{_subtitle(average_over)}")
+    title = f"{metric} by {by}\n{_subtitle(average_over, note)}"
+    ax.set(xlabel="training step", ylabel=metric, yscale="log", title=title)
     ax.legend()
     return save(fig, out / "metric_vs_step.png")
 
 
-def _plot_logsnr(runs: list[Run], by: str, out: Path, tail: int, average_over: Sequence[str]) -> Path | None:
+def _plot_logsnr(runs: list[Run], by: str, out: Path, tail: int, average_over: Sequence[str],
+                 note: str = "") -> Path | None:  # fmt: skip
     """loss_vs_logsnr.png (None when no run logs log-SNR buckets)."""
     curves = logsnr_curves(runs, by, tail, average_over)
     if not curves:
@@ -173,11 +177,11 @@ def _plot_logsnr(runs: list[Run], by: str, out: Path, tail: int, average_over: S
     labels = {value: legend(by, value, list(c.values())) for value, c in curves.items()}
     means = {labels[v]: {b: s.mean for b, s in c.items()} for v, c in curves.items()}
     sems = {labels[v]: {b: s.sem for b, s in c.items()} for v, c in curves.items()}
-    title = f"loss vs log-SNR (last {tail} logs) by {by}\n{_subtitle(average_over)}"
+    title = f"loss vs log-SNR (last {tail} logs) by {by}\n{_subtitle(average_over, note)}"
     return plot_loss_vs_logsnr(means, out / "loss_vs_logsnr.png", title, sems)
 
 
-def _plot_nfe(runs: list[Run], by: str, out: Path, metric: str, average_over: Sequence[str]) -> Path:
+def _plot_nfe(runs: list[Run], by: str, out: Path, metric: str, average_over: Sequence[str], note: str = "") -> Path:
     """metric_vs_nfe.png; SystemExit when no run with the metric records its NFE."""
     label, curves = nfe_curves(runs, by, metric, average_over)
     if not curves:
@@ -189,7 +193,7 @@ def _plot_nfe(runs: list[Run], by: str, out: Path, metric: str, average_over: Se
         plot_band(ax, [n for n, _ in pts], [s.mean for s in stats], [s.sem for s in stats],
                   legend(by, value, stats), marker="o")  # fmt: skip
     ax.set(xlabel="NFE (denoiser calls per sample)", ylabel=label, xscale="log", yscale="log",
-           title=f"{label} vs NFE\n{_subtitle(average_over)}")  # fmt: skip
+           title=f"{label} vs NFE\n{_subtitle(average_over, note)}")  # fmt: skip
     ax.legend()
     return save(fig, out / "metric_vs_nfe.png")
 
@@ -198,13 +202,14 @@ def plot_all(sweep_dir: Path, by: str, out: Path, metric: str | None, step_metri
              average_over: Sequence[str] = ()) -> list[Path]:  # fmt: skip
     """Write every plot the sweep has data for; returns the PNG paths. An axis or metric no run has is refused
     (SystemExit) with the valid list; a line pools only runs that differ in ``seed`` (and ``average_over``)."""
-    runs = make_table.load_runs(sweep_dir)
+    sweep = make_table.read_sweep(sweep_dir)
+    runs, note = sweep.runs, sweep.note().replace("the table", "the plot")
     make_table.check_axes(runs, [*by.split(","), *average_over])
     if metric is not None:
         make_table.check_metrics(runs, [metric])
-    written = [_plot_steps(runs, by, out, step_metric, smooth, average_over),
-               _plot_logsnr(runs, by, out, tail, average_over),
-               _plot_nfe(runs, by, out, metric, average_over) if metric is not None else None]  # fmt: skip
+    written = [_plot_steps(runs, by, out, step_metric, smooth, average_over, note),
+               _plot_logsnr(runs, by, out, tail, average_over, note),
+               _plot_nfe(runs, by, out, metric, average_over, note) if metric is not None else None]  # fmt: skip
     return [p for p in written if p is not None]
 
 
@@ -215,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where the PNGs go (default: <sweep_dir>/plots)")
     parser.add_argument("--metric", help="sample metric for metric_vs_nfe.png, e.g. 'val/fd_digits@*'")
     parser.add_argument("--step-metric", default="train/loss")
-    parser.add_argument("--smooth", type=int, default=5, help="running mean over this many logged points")
-    parser.add_argument("--tail", type=int, default=10, help="logged points per run for loss vs log-SNR")
+    parser.add_argument("--smooth", type=make_table.int_in("--smooth", 1), default=5,
+                        help="running mean over this many logged points (>= 1; 1: no smoothing)")  # fmt: skip
+    parser.add_argument("--tail", type=make_table.int_in("--tail", 1), default=10,
+                        help="logged points per run for loss vs log-SNR (>= 1)")  # fmt: skip
     parser.add_argument(
         "--average-over",
         nargs="+",

@@ -43,25 +43,81 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from diffusion_lab.records import RecordError, read_record
+
 Run = dict[str, Any]  # {"overrides": {key: value}, "choices": {...}, "config": {...}, "metrics": {...}, "dir": str}
 
 
-def load_runs(sweep_dir: Path) -> list[Run]:
-    """Every finished run under ``sweep_dir``: from ``summary.json`` files, else ``*/metrics.json``."""
+SUMMARY_KEYS = {"metrics": dict}  # what a table reads from summary.json; the rest is optional
+SUMMARY_OPTIONAL = {"overrides": list, "choices": dict, "config": dict, "job_type": (str, type(None))}
+
+
+class Sweep(NamedTuple):
+    """The finished runs of a sweep directory, the run directories that started but hold no ``record``, and the
+    record's file name (``summary.json``, or ``metrics.json`` for older runs)."""
+
+    runs: list[Run]
+    unfinished: list[Path]
+    record: str
+
+    def note(self) -> str:
+        """The table's note on the runs it leaves out ("" when none)."""
+        if not self.unfinished:
+            return ""
+        n = len(self.unfinished)
+        return f"{n} started run(s) without {self.record} (crashed, killed or running) are not in the table"
+
+
+def read_sweep(sweep_dir: Path) -> Sweep:
+    """Every finished run under ``sweep_dir`` (from ``summary.json`` files, else ``*/metrics.json``) and the run
+    directories that started (:func:`unfinished_runs`) but hold no such record: crashed, killed or still running.
+    Those are named in a warning (a table says what it leaves out); a record that cannot be read is an error naming
+    it."""
     summaries = sorted(sweep_dir.rglob("summary.json"))
     if summaries:
-        return [_from_summary(json.loads(p.read_text()), p.parent) for p in summaries]
+        runs = [_from_summary(_read(p, SUMMARY_KEYS, "run summary", SUMMARY_OPTIONAL), p.parent) for p in summaries]
+        return Sweep(runs, _warn_unfinished(sweep_dir, "summary.json"), "summary.json")
     runs = []
     for metrics_path in sorted(sweep_dir.glob("*/metrics.json")):
         job = metrics_path.parent
         overrides_path = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.is_file() else []
         pairs = dict(o.split("=", 1) for o in overrides if "=" in o)
-        runs.append({"overrides": pairs, "choices": {}, "config": {}, "metrics": json.loads(metrics_path.read_text()),
+        runs.append({"overrides": pairs, "choices": {}, "config": {}, "metrics": _read(metrics_path, {}, "run metrics"),
                      "dir": job})  # fmt: skip
     if not runs:
         raise SystemExit(f"no */metrics.json under {sweep_dir}: is it a finished multirun directory?")
-    return runs
+    return Sweep(runs, _warn_unfinished(sweep_dir, "metrics.json"), "metrics.json")
+
+
+def load_runs(sweep_dir: Path) -> list[Run]:
+    """Every finished run under ``sweep_dir`` (:func:`read_sweep`; the unfinished ones are warned about)."""
+    return read_sweep(sweep_dir).runs
+
+
+def _read(path: Path, required: Mapping[str, Any], what: str, optional: Mapping[str, Any] | None = None) -> Any:
+    """:func:`~diffusion_lab.records.read_record`, its error as SystemExit (the message names the file)."""
+    try:
+        return read_record(path, required, what, optional=optional, fix="re-run that job, or move it out of the sweep")
+    except RecordError as err:
+        raise SystemExit(f"error: {err}") from err
+
+
+def unfinished_runs(sweep_dir: Path, record: str) -> list[Path]:
+    """Run directories under ``sweep_dir`` that started (a ``.hydra/`` folder or ``csv/metrics.csv``) but hold no
+    ``record`` (``summary.json``): crashed, killed or still running."""
+    started = {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()}
+    started |= {p.parent.parent for p in sweep_dir.rglob("metrics.csv") if p.parent.name == "csv"}
+    return sorted(d for d in started if not (d / record).is_file())
+
+
+def _warn_unfinished(sweep_dir: Path, record: str) -> list[Path]:
+    """:func:`unfinished_runs`, each named in a warning."""
+    unfinished = unfinished_runs(sweep_dir, record)
+    if unfinished:
+        warn(f"{len(unfinished)} run(s) started but have no {record} (crashed, killed or still running) and are left "
+             "out: " + ", ".join(str(d) for d in unfinished))  # fmt: skip
+    return unfinished
 
 
 def override_pairs(overrides: Sequence[str]) -> dict[str, str]:
@@ -175,21 +231,32 @@ MISSING = "—"  # a cell whose runs lack the metric
 
 
 class Stat(NamedTuple):
-    """Mean, standard error of the mean and sample standard deviation (None for a single value), and count n."""
+    """Mean, standard error of the mean and sample standard deviation (None for a single value), count n, and how
+    many of the n values are not finite (nan or ±inf: then the mean is nan or ±inf and there is no s.e.)."""
 
     mean: float
     sem: float | None
     std: float | None
     n: int
+    nonfinite: int = 0
 
 
 def summarize(values: Sequence[float]) -> Stat:
-    """The :class:`Stat` of one or more values: s.e. = std / √n."""
+    """The :class:`Stat` of one or more values: s.e. = std / √n. A non-finite value is never averaged away: the
+    mean is then the IEEE sum over n (nan, or ±inf), without s.e., and ``nonfinite`` counts those values."""
+    nonfinite = sum(not math.isfinite(v) for v in values)
+    if nonfinite:
+        return Stat(sum(values) / len(values), None, None, len(values), nonfinite)
     mean = statistics.fmean(values)
     if len(values) < 2:
         return Stat(mean, None, None, len(values))
     std = statistics.stdev(values)
     return Stat(mean, std / math.sqrt(len(values)), std, len(values))
+
+
+def nonfinite_note(stat: Stat) -> str:
+    """``"1 of 3 not finite"`` for a :class:`Stat` with non-finite values, else ""."""
+    return f"{stat.nonfinite} of {stat.n} not finite" if stat.nonfinite else ""
 
 
 def warn(message: str) -> None:
@@ -399,6 +466,7 @@ def pivot(runs: list[Run], rows: list[str], cols: list[str], patterns: list[str]
             labels[pattern].update(k for k, _ in hits)
             if hits:
                 cells[(r, c, pattern)] = [float(v) for _, v in hits]
+            _warn_nonfinite(members, pattern)
     names = {p: next(iter(k)) if len(k) == 1 else p for p, k in labels.items()}
     averaged = {a: sorted({axis_value(run, a) for run in runs}) for a in average_over}
     repeats = repeated_runs(groups.values(), average_over)
@@ -408,6 +476,13 @@ def pivot(runs: list[Run], rows: list[str], cols: list[str], patterns: list[str]
     row_keys, col_keys = list(dict.fromkeys(r for r, _ in groups)), list(dict.fromkeys(c for _, c in groups))
     return {"row_keys": row_keys, "col_keys": col_keys, "metrics": patterns, "cells": cells, "labels": names,
             "averaged": averaged, "repeats": bool(repeats)}  # fmt: skip
+
+
+def _warn_nonfinite(members: list[Run], pattern: str) -> None:
+    """Name the runs of a cell whose ``pattern`` metric is nan or ±inf (the cell shows it; no mean is taken)."""
+    bad = [(run, hit) for run in members if (hit := first_match(run["metrics"], pattern)) and not math.isfinite(hit[1])]
+    for run, (key, value) in bad:
+        warn(f"{run['dir']} recorded {key} = {value}: its cell reads {value} with the count, not a mean over seeds")
 
 
 def repeated_runs(groups: Iterable[list[Run]], average_over: Sequence[str] = ()) -> list[list[Run]]:
@@ -423,6 +498,16 @@ def repeated_runs(groups: Iterable[list[Run]], average_over: Sequence[str] = ())
 
 
 def caption(table: dict[str, Any]) -> str:
+    """What a cell is (:func:`cell_caption`), then what the table leaves out: cells with non-finite runs and
+    started runs without a record (``table["left_out"]``)."""
+    notes = [cell_caption(table)]
+    nonfinite = sum(1 for v in table["cells"].values() if not all(math.isfinite(x) for x in v))
+    if nonfinite:
+        notes.append(f"{nonfinite} cell(s) hold a nan or inf run: shown as nan/inf with the count, no mean over it")
+    return "; ".join(notes + ([table["left_out"]] if table.get("left_out") else []))
+
+
+def cell_caption(table: dict[str, Any]) -> str:
     """What a cell is: mean ± standard error over n seeds (n per cell when it differs), or a single run."""
     counts = sorted({len(v) for v in table["cells"].values()})
     if counts in ([], [1]):
@@ -440,10 +525,9 @@ def _cell(values: list[float] | None, pm: str, digits: int, show_n: bool, wrap: 
     if not values:
         return MISSING
     stat = summarize(values)
-    if math.isnan(stat.mean):
-        text = "nan"
-    else:
-        text = f"{stat.mean:.{digits}g}" + ("" if stat.sem is None else f"{pm}{stat.sem:.2g}")
+    if stat.nonfinite:  # "nan (1 of 3 not finite)": a run that diverged is shown, not averaged away
+        return wrap(f"{stat.mean}") + f" ({nonfinite_note(stat)})"
+    text = f"{stat.mean:.{digits}g}" + ("" if stat.sem is None else f"{pm}{stat.sem:.2g}")
     return wrap(text) + (f" (n = {stat.n})" if show_n else "")
 
 
@@ -519,10 +603,11 @@ def _csv_long(table: dict[str, Any], rows: list[str], cols: list[str]) -> str:
     return out.getvalue().rstrip("\n")
 
 
-def render_per_run(runs: list[Run], patterns: list[str], fmt: str) -> str:
-    """The one-row-per-run table in the requested format."""
+def render_per_run(runs: list[Run], patterns: list[str], fmt: str, note: str = "") -> str:
+    """The one-row-per-run table in the requested format; ``note`` (what the table leaves out) follows a Markdown
+    table and is a ``%`` comment after a LaTeX one (CSV: stderr's warning only, the file stays plain data)."""
     if fmt == "markdown":
-        return markdown(runs, patterns)
+        return markdown(runs, patterns) + (f"\n\n{note}" if note else "")
     header, _, rows = per_run_rows(runs, patterns)
     if fmt == "csv":
         out = io.StringIO()
@@ -530,7 +615,24 @@ def render_per_run(runs: list[Run], patterns: list[str], fmt: str) -> str:
         return out.getvalue().rstrip("\n")
     lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]
     lines += [" & ".join(r) + r" \\" for r in rows] + [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines).replace("_", r"\_")
+    return "\n".join(lines).replace("_", r"\_") + (f"\n% {note}" if note else "")
+
+
+def int_in(flag: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer flag in ``[low, high]`` (no upper bound when ``high`` is None); anything
+    else is a usage error naming the flag, the valid range and the value given."""
+    valid = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{flag} must be {valid}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -549,7 +651,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--where", nargs="+", default=[], metavar="AXIS=VALUE", help="only the runs with these values")
     parser.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown")
-    parser.add_argument("--digits", type=int, default=4, help="significant digits of the means")
+    parser.add_argument("--digits", type=int_in("--digits", 1, 17), default=4, help="significant digits of the means "
+                        "(1 to 17)")  # fmt: skip
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from the W&B API instead")
     parser.add_argument(
         "--wandb-offline",
@@ -568,12 +671,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    note = ""
     if args.wandb:
         runs = load_wandb_runs(args.wandb, args.group)
     elif args.sweep_dir is not None and args.wandb_offline:
         runs = load_wandb_offline_runs(args.sweep_dir, args.group)
     elif args.sweep_dir is not None:
-        runs = load_runs(args.sweep_dir)
+        sweep = read_sweep(args.sweep_dir)
+        runs, note = sweep.runs, sweep.note()
     else:
         parser.error("give a sweep directory or --wandb ENTITY/PROJECT")
     if args.average_over and not (args.rows or args.cols):
@@ -582,10 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     check_axes(runs, [*args.rows, *args.cols, *args.average_over])
     patterns = check_metrics(runs, args.metrics)
     if args.rows or args.cols:
-        table = pivot(runs, args.rows, args.cols, patterns, args.average_over)
+        table = pivot(runs, args.rows, args.cols, patterns, args.average_over) | {"left_out": note}
         print(render_pivot(table, args.rows, args.cols, args.format, args.digits))
     else:
-        print(render_per_run(runs, patterns, args.format))
+        print(render_per_run(runs, patterns, args.format, note))
     return 0
 
 

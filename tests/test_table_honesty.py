@@ -300,3 +300,105 @@ def test_sample_jobs_on_checkpoints_of_seed_only_training_runs_pool_as_seeds(tmp
     assert "mean ± standard error over n = 3 seeds per cell" in out
     assert "| dpm_solver | 1 ± 0.58 |" in out  # mean of 0, 1, 2; s.e. = 1/√3
     assert "repeats" not in err
+
+
+# ------------------------------------------------------------------ damaged records, nan seeds, crashed runs, flags
+
+
+def test_a_truncated_summary_is_an_error_naming_the_file(schedule_x_param, make_table, make_plots, tmp_path):
+    path = schedule_x_param / "2" / "summary.json"
+    text = path.read_text()
+    path.write_text(text[:40])
+    with pytest.raises(SystemExit) as err:
+        make_table.main([str(schedule_x_param), "--rows", "schedule", "--metric", "val/fd@*"])
+    assert str(err.value.code).startswith(f"error: run summary {path}: not valid JSON: truncated at byte 40 (")
+    with pytest.raises(SystemExit, match=rf"run summary {path}: not valid JSON: truncated at byte 40"):
+        make_plots.plot_all(schedule_x_param, "schedule", tmp_path / "p", None, "train/loss", 1, 1)
+    path.write_text(text.replace('"metrics": {', '"metrics": [{', 1).replace('}, "job_type"', '}], "job_type"', 1))
+    with pytest.raises(SystemExit, match=rf"run summary {path}: key 'metrics' is array \(.*\), expected object"):
+        make_table.main([str(schedule_x_param)])
+
+
+def _three_seeds(root: Path, values: list[float]) -> Path:
+    for seed, value in enumerate(values):
+        run_dir(root, str(seed), {"schedule": "linear"}, seed, {"val/fd@1k": value, "train/loss": 0.5})
+    return root
+
+
+@pytest.mark.parametrize(
+    ("values", "cell"),
+    [([1.0, float("nan"), 2.0], "nan (1 of 3 not finite)"), ([1.0, float("inf"), 3.0], "inf (1 of 3 not finite)"),
+     ([float("inf"), float("-inf"), 3.0], "nan (2 of 3 not finite)")],
+)  # fmt: skip
+def test_a_nan_among_seeds_is_shown_with_its_count_never_averaged_away(tmp_path, make_table, capsys, values, cell):
+    root = _three_seeds(tmp_path, values)
+    assert make_table.main([str(root), "--rows", "schedule", "--metric", "val/fd@*"]) == 0
+    out, err = capsys.readouterr()
+    assert f"| linear | {cell} |" in out.splitlines()
+    assert "1 cell(s) hold a nan or inf run: shown as nan/inf with the count, no mean over it" in out
+    bad = [str(root / str(i)) for i, v in enumerate(values) if v != v or abs(v) == float("inf")]
+    assert all(f"warning: {d} recorded val/fd@1k = " in err for d in bad)
+    make_table.main([str(root), "--rows", "schedule", "--metric", "val/fd@*", "--format", "csv"])
+    row = capsys.readouterr().out.splitlines()[1].split(",")
+    assert row[:2] == ["linear", "val/fd@1k"] and row[2] == cell.split()[0] and row[3:] == ["", "", "3"]
+
+
+def test_finite_seeds_still_give_mean_and_standard_error(make_table):
+    stat = make_table.summarize([1.0, 2.0, 3.0])
+    assert stat == (2.0, pytest.approx(1 / 3**0.5), 1.0, 3, 0)
+
+
+def test_runs_that_started_without_a_summary_are_named_and_counted(schedule_x_param, make_table, capsys):
+    (schedule_x_param / "crashed" / ".hydra").mkdir(parents=True)
+    (schedule_x_param / "killed" / "csv").mkdir(parents=True)
+    (schedule_x_param / "killed" / "csv" / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
+    (schedule_x_param / "notes").mkdir()  # not a run: no .hydra, no csv
+    make_table.main([str(schedule_x_param), "--rows", "schedule", "--cols", "parameterization", "--metric", "val/fd@*"])
+    out, err = capsys.readouterr()
+    named = f"{schedule_x_param / 'crashed'}, {schedule_x_param / 'killed'}"
+    assert f"warning: 2 run(s) started but have no summary.json (crashed, killed or still running) and are left " \
+           f"out: {named}\n" in err  # fmt: skip
+    note = "2 started run(s) without summary.json (crashed, killed or running) are not in the table"
+    assert out.splitlines()[0].endswith(f"; {note})")  # the pivot table's caption
+    make_table.main([str(schedule_x_param), "--metric", "val/fd@*"])
+    assert capsys.readouterr().out.splitlines()[-1] == note  # below the one-row-per-run table
+    make_table.main([str(schedule_x_param), "--metric", "val/fd@*", "--format", "latex"])
+    assert capsys.readouterr().out.splitlines()[-1] == f"% {note}"
+
+
+def test_a_plot_says_it_leaves_out_started_runs(seeded_curves, make_plots, tmp_path, figures, capsys):
+    (seeded_curves / "crashed" / ".hydra").mkdir(parents=True)
+    make_plots.plot_all(seeded_curves, "schedule", tmp_path / "p", "val/fd@*", "train/loss", 1, 1)
+    for name, fig in figures.items():
+        assert "1 started run(s) without summary.json (crashed, killed or running) are not in the plot" in \
+            fig.axes[0].get_title(), name  # fmt: skip
+    assert f"are left out: {seeded_curves / 'crashed'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("make_table", ["--digits", "-3"], "argument --digits: --digits must be an integer from 1 to 17, got '-3'"),
+        ("make_table", ["--digits", "0"], "--digits must be an integer from 1 to 17, got '0'"),
+        ("make_table", ["--digits", "18"], "--digits must be an integer from 1 to 17, got '18'"),
+        ("make_table", ["--digits", "4.5"], "--digits must be an integer from 1 to 17, got '4.5'"),
+        ("make_plots", ["--smooth", "-5"], "argument --smooth: --smooth must be an integer >= 1, got '-5'"),
+        ("make_plots", ["--tail", "0"], "argument --tail: --tail must be an integer >= 1, got '0'"),
+        ("make_plots", ["--tail", "-2"], "--tail must be an integer >= 1, got '-2'"),
+    ],
+)  # fmt: skip
+def test_a_numeric_flag_out_of_range_is_a_usage_error_naming_the_flag_and_range(
+    schedule_x_param, make_table, make_plots, capsys, script, argv, message
+):
+    module = {"make_table": make_table, "make_plots": make_plots}[script]
+    plots = ["--by", "schedule", "--out", str(schedule_x_param / "p")] if script == "make_plots" else []
+    with pytest.raises(SystemExit) as err:
+        module.main([str(schedule_x_param), *plots, *argv])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+    assert not (schedule_x_param / "p").exists()
+
+
+def test_the_digits_flag_sets_the_significant_digits(schedule_x_param, make_table, capsys):
+    make_table.main([str(schedule_x_param), "--rows", "schedule", "--cols", "parameterization", "--digits", "1",
+                     "--metric", "val/fd@*"])  # fmt: skip
+    assert "| linear | 2 ± 0.5 | 1e+01 ± 0.5 |" in capsys.readouterr().out.splitlines()  # 1.5 ± 0.5, 11.5 ± 0.5
