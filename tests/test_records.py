@@ -177,3 +177,20 @@ def test_a_record_error_is_a_value_error_listing_every_problem(tmp_path: Path) -
         "missing key 'name' (string)",
         "missing key 'checkpoint.sha256' (string)",
     ]
+
+
+def test_a_job_on_a_checkpoint_reads_its_training_runs_summary_through_the_reader(tmp_path: Path) -> None:
+    from diffusion_lab.tracking.filing import training_run
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    summary = tmp_path / "run" / "summary.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"name": "digits", "group": "g", "tags": ["a"], "metrics": {}}))
+    assert training_run(ckpt, {}, None) == {"name": "digits", "group": "g", "tags": ["a"],
+                                            "run_dir": str(summary.parent), "wandb_id": None}  # fmt: skip
+    summary.write_text('{"name": "digits", "tags": ["a"')
+    with pytest.raises(RecordError, match=rf"^training run summary {re.escape(str(summary))}: not valid JSON: trunc"):
+        training_run(ckpt, {}, None)
+    summary.write_text(json.dumps({"name": "digits", "tags": "a"}))
+    with pytest.raises(RecordError, match=r"key 'tags' is string \('a'\), expected array"):
+        training_run(ckpt, {}, None)

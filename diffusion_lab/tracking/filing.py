@@ -5,13 +5,14 @@ checkpoints (:func:`job_info`, :func:`training_run`). Needs neither Lightning no
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+
+from diffusion_lab.records import TypeSpec, read_record
 
 # Config groups that are axes of an ablation: their Hydra choice becomes a W&B tag ``axis:option``.
 ABLATION_AXES = (
@@ -39,6 +40,8 @@ _NOT_TAGS = (
 )
 _MAX_TAG_LEN = 64  # W&B refuses longer tags
 SUMMARY_FILE = "summary.json"
+# What a job reads of its training run's summary (each optional).
+FILED_KEYS: dict[str, TypeSpec] = {"name": str, "group": (str, type(None)), "tags": list}
 
 
 @dataclass(frozen=True)
@@ -124,13 +127,14 @@ def training_run(
     of them), run directory and W&B run id."""
     run_dir = Path(ckpt_path).resolve().parent.parent
     summary_path = run_dir / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else dict(filed or {})
+    found = summary_path.is_file()  # a summary that cannot be read is a RecordError naming it, not a guess
+    summary = read_record(summary_path, {}, "training run summary", optional=FILED_KEYS) if found else dict(filed or {})
     name = str(summary.get("name") or train_config.get("name", "default"))
     return {
         "name": name,
         "group": summary.get("group") or name,
         "tags": list(summary.get("tags", [])),
-        "run_dir": str(run_dir) if summary_path.is_file() else None,
+        "run_dir": str(run_dir) if found else None,
         "wandb_id": wandb_id,
     }
 
