@@ -11,11 +11,11 @@ cache is never trusted on its name alone.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
+
+from diffusion_lab.atomic import atomic_write_text
 
 __all__ = [
     "SUFFIX",
@@ -52,21 +52,14 @@ def sha256_of(path: str | Path) -> str:
 
 
 def seal(path: str | Path) -> str:
-    """Record the sha256 of ``path`` in :func:`checksum_path` (temp file + ``os.replace``); returns the hash.
+    """Record the sha256 of ``path`` in :func:`checksum_path` (atomically); returns the hash.
 
     Call it after the payload is in place: a crash in between leaves a payload whose checksum is stale or absent,
     which :func:`verify` reports (so the payload is rebuilt, not trusted)."""
     path = Path(path)
     digest = sha256_of(path)
     target = checksum_path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{digest}  {path.name}\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(target, f"{digest}  {path.name}\n")
     return digest
 
 

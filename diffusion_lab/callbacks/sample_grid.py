@@ -10,15 +10,13 @@ import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from diffusion_lab.atomic import atomic_write
 from diffusion_lab.module import DiffusionModule
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    """Write an ``(H, W, 3)`` uint8 array as PNG atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(path)
+    """Write an ``(H, W, 3)`` uint8 array as PNG atomically (:func:`~diffusion_lab.atomic.atomic_write`)."""
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def periodic_step_due(trainer: L.Trainer, every_n_steps: int) -> bool:

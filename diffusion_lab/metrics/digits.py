@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_lab.atomic import atomic_write
 from diffusion_lab.cache_files import seal, verify, verify_or_discard
 from diffusion_lab.metrics.frechet import Float64Array, feature_statistics, frechet_distance
 
@@ -190,17 +190,9 @@ def train_digits_classifier(cfg: DigitsClassifierConfig = DigitsClassifierConfig
 
 
 def _save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temp file in the target directory, then ``os.replace`` (atomic on POSIX), then its
-    checksum ``<path>.sha256`` (:func:`~diffusion_lab.cache_files.seal`), written after the payload."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`~diffusion_lab.atomic.atomic_write` (temp file + fsync + ``os.replace``), then
+    its checksum ``<path>.sha256`` (:func:`~diffusion_lab.cache_files.seal`), written after the payload."""
+    atomic_write(path, lambda f: torch.save(payload, f))
     seal(path)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import json
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -19,11 +19,13 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_lab.atomic import atomic_write_json, atomic_write_text
 from diffusion_lab.tracking.filing import SUMMARY_FILE, RunInfo, job_info, run_info
 
 # Seconds between flushes of the W&B run log (run-<id>.wandb). W&B's default of 15 s lost a killed run's whole
 # record (its log held just the 7-byte header); W&B's service still writes what it received after a SIGKILL.
 WANDB_FLUSH_INTERVAL_S = 0.1
+METRICS_FILE = "metrics.json"  # a training run's final metrics with their protocol
 
 
 def _wandb_mode_of(wb: Any) -> str:
@@ -150,25 +152,16 @@ class _AppendingWriter(ExperimentWriter):
         self._write_rows(fieldnames, rows)
 
     def _write_rows(self, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
-        tmp = Path(self.metrics_file_path).with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.metrics_file_path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.metrics_file_path, text.getvalue())
 
 
 def write_summary(run_dir: Path, metrics: dict[str, Any]) -> Path:
     """Write ``metrics.json`` (final metrics with protocol) atomically and return its path."""
-    return _write_json(run_dir / "metrics.json", metrics)
-
-
-def _write_json(path: Path, data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_json(run_dir / METRICS_FILE, metrics)
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -191,7 +184,7 @@ def write_run_summary(
     summary = {**asdict(info), "run_dir": str(run_dir), "config": config, "metrics": dict(metrics)}
     if resumed is not None:
         summary["resumed"] = [dict(r) for r in resumed]
-    return _write_json(run_dir / SUMMARY_FILE, summary)
+    return atomic_write_json(run_dir / SUMMARY_FILE, summary)
 
 
 def finish_run(
