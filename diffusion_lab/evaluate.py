@@ -26,7 +26,6 @@ The job is recorded like a training run: ``summary.json`` in the output director
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,18 +35,23 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_lab.atomic import atomic_write_json
 from diffusion_lab.callbacks.evaluation import MAX_REFERENCE, generate_in_batches, guidance_suffix, sampling_protocol
 from diffusion_lab.config import DIGITS_METRIC_RESIZE, check_guidance, option_config
 from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions
 from diffusion_lab.metrics import format_count, metric_key
 from diffusion_lab.metrics.likelihood import BitsPerDim, bits_per_dim
 from diffusion_lab.module import DiffusionModule, load_module
+from diffusion_lab.run_dir import prepare_output_dir, run_lock
 from diffusion_lab.sample import build_sampler
 from diffusion_lab.samplers.tuning import grid_protocol
 from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.schema.jobs import HutchinsonProbe, LikelihoodMethod
+from diffusion_lab.tracking.filing import SUMMARY_FILE
 
 SPLITS = ("train", "val")
+EVALUATION_FILE = "evaluation.json"
+EVALUATE_RECORDS = (EVALUATION_FILE, SUMMARY_FILE)  # what an evaluate job leaves; a re-run removes them first
 
 
 def held_out_data(module: DiffusionModule, split: str, num_examples: int | None) -> Any:
@@ -246,6 +250,14 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
     ``overrides``: the command line's (a chosen sampler keeps the run's ``clip_x0`` unless it is overridden).
     """
     _check_scores(cfg)
+    with run_lock(out_dir, "dlab-evaluate"):  # a second job into out_dir is refused at once
+        prepare_output_dir(out_dir, EVALUATE_RECORDS)  # writable, and no old record beside new results
+        return evaluate_checkpoint(cfg, out_dir, overrides)
+
+
+def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Load the checkpoint, compute every score and write ``evaluation.json`` (atomically) into ``out_dir`` (held
+    and prepared by :func:`run`); returns the results."""
     module = load_module(cfg.ckpt_path, map_location=cfg.device)
     results: dict[str, Any] = {"checkpoint": str(cfg.ckpt_path), "protocol": {}}
     if cfg.ref_stats_only:
@@ -259,8 +271,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
     for out in outputs:
         results["protocol"].update(out.pop("protocol"))
         results.update(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "evaluation.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_json(out_dir / EVALUATION_FILE, results)
     return results
 
 

@@ -18,7 +18,6 @@ run with ``job_type=sample`` in the training run's group (or the job's own sweep
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,21 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_lab.atomic import atomic_write, atomic_write_json
 from diffusion_lab.callbacks import generate_in_batches, sampling_protocol, save_png
 from diffusion_lab.callbacks.checkpoint import RUN_KEY, WANDB_KEY
 from diffusion_lab.config import check_guidance, check_sampler
 from diffusion_lab.module import load_checkpoint, load_module
+from diffusion_lab.run_dir import prepare_output_dir, run_lock
 from diffusion_lab.samplers.base import TUNED_GRID
 from diffusion_lab.samplers.tuning import grid_protocol, load_tuned_grid
 from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.tracking import track_job, training_run
+from diffusion_lab.tracking.filing import SUMMARY_FILE
+
+SAMPLES_FILE, GRID_FILE, SAMPLE_SUMMARY_FILE = "samples.npz", "grid.png", "sample_summary.json"
+# What a sample job leaves in its directory; a re-run removes them all before it samples.
+SAMPLE_RECORDS = (SAMPLES_FILE, GRID_FILE, SAMPLE_SUMMARY_FILE, SUMMARY_FILE)
 
 
 def render(run_config: dict[str, Any], samples: torch.Tensor) -> np.ndarray:
@@ -84,6 +90,14 @@ def build_sampler(cfg: DictConfig, module: Any, overrides: list[str]) -> Any:
 def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Sample from ``cfg.ckpt_path`` into ``out_dir``; returns a summary dict. ``overrides``: the command line's."""
     check_num_samples(cfg.num_samples)
+    with run_lock(out_dir, "dlab-sample"):  # a second job into out_dir is refused at once
+        prepare_output_dir(out_dir, SAMPLE_RECORDS)  # writable, and no old record beside new samples
+        return draw_samples(cfg, out_dir, overrides)
+
+
+def draw_samples(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Load the checkpoint, sample, write ``samples.npz``, ``grid.png`` and ``sample_summary.json`` (each atomically)
+    into ``out_dir`` (held and prepared by :func:`run`); returns the summary dict."""
     module = load_module(cfg.ckpt_path, map_location=cfg.device)
     assert module.config is not None
     check_sampling_request(cfg, module.num_classes, module.p_uncond)
@@ -101,9 +115,9 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
     arrays |= {"time_grid": grid["time_grid"], "time_grid_file": grid["time_grid_file"] or ""}
     if out.y is not None:
         arrays["y"] = out.y.numpy()
-    np.savez(out_dir / "samples.npz", **arrays)
+    atomic_write(out_dir / SAMPLES_FILE, lambda f: np.savez(f, **arrays))
     if cfg.grid:
-        save_png(render(module.config, out.x0), out_dir / "grid.png")
+        save_png(render(module.config, out.x0), out_dir / GRID_FILE)
     summary = {
         **sampling_protocol(out, module.num_classes),
         "samples_per_s": rate,
@@ -116,7 +130,7 @@ def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> d
     }
     if labels is not None:
         summary["labels"] = f"cycled over {labels}"
-    (out_dir / "sample_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out_dir / SAMPLE_SUMMARY_FILE, summary, sort_keys=False)
     return summary
 
 
@@ -128,7 +142,8 @@ def track(
     ckpt = load_checkpoint(cfg.ckpt_path, mmap=True)  # the config and run entries; the weights stay on disk
     train_config = ckpt["diffusion_lab_config"]
     train = training_run(cfg.ckpt_path, train_config, ckpt.get(WANDB_KEY), ckpt.get(RUN_KEY))
-    return track_job(cfg, out_dir, job_type, metrics, train_config, train, media)
+    with run_lock(out_dir, f"dlab-{job_type}"):  # never while another job writes out_dir
+        return track_job(cfg, out_dir, job_type, metrics, train_config, train, media)
 
 
 def check_num_samples(num_samples: int) -> None:

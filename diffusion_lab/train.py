@@ -34,6 +34,7 @@ from diffusion_lab.callbacks.progress import StepProgressBar, StepRichProgressBa
 from diffusion_lab.cli import CONFIG_DIR  # noqa: F401  (re-exported: tests compose the real configs)
 from diffusion_lab.config import validate_config
 from diffusion_lab.metrics import format_count
+from diffusion_lab.metrics.digits import classifier_path
 from diffusion_lab.metrics.likelihood import bits_per_dim
 from diffusion_lab.module import (
     DiffusionModule,
@@ -43,8 +44,11 @@ from diffusion_lab.module import (
 )
 from diffusion_lab.plots import run_loss_vs_logsnr
 from diffusion_lab.resume import ResumePlan, ResumeRecord, plan_resume
+from diffusion_lab.run_dir import clear_records, launched_as_rank_zero, probe_writable, run_lock
 from diffusion_lab.schema.run import NonFiniteAction
 from diffusion_lab.tracking import build_loggers, finish_run, run_info, write_summary
+from diffusion_lab.tracking.filing import SUMMARY_FILE
+from diffusion_lab.tracking.writers import METRICS_FILE
 
 
 def build_trainer(
@@ -140,6 +144,40 @@ def train(cfg: DictConfig, run_dir: Path, validated: bool = False) -> dict[str, 
     already run :func:`validate_config` on ``cfg``."""
     if not validated:
         validate_config(cfg)
+    owner = launched_as_rank_zero()  # under DDP rank 0 owns the run dir; the other ranks share it
+    with run_lock(run_dir, "dlab-train", enabled=owner):  # a second run into run_dir is refused at once
+        if owner:
+            prepare_run_dir(cfg, run_dir)
+        return fit_and_evaluate(cfg, run_dir)
+
+
+def dirs_to_write(cfg: DictConfig, run_dir: Path) -> dict[str, Path]:
+    """The directories the run will write, by what they are: the run dir, W&B's (when W&B is on) and the digits
+    classifier cache (when the digits metric will train and cache its classifier)."""
+    dirs = {"run directory": run_dir}
+    wb = cfg.logger.wandb
+    if wb is not None and str(getattr(wb.mode, "value", wb.mode)) != "disabled" and not cfg.trainer.fast_dev_run:
+        dirs["W&B directory"] = run_dir / "wandb"
+    if str(cfg.metrics.get("_target_") or "").endswith("DigitsFDMetric") and cfg.eval.num_samples > 0:
+        cached = classifier_path(cfg.metrics.get("cache_dir"))
+        if not cached.is_file():
+            dirs["digits classifier cache"] = cached.parent
+    return dirs
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Before any data or checkpoint is loaded: every directory of :func:`dirs_to_write` is writable
+    (:func:`~diffusion_lab.run_dir.probe_writable`) and the previous record in ``run_dir`` is gone."""
+    for what, directory in dirs_to_write(cfg, run_dir).items():
+        probe_writable(directory, what)
+    # A training run's record; a re-run into its directory (resume) removes it before training, so a kill midway
+    # leaves no summary of the previous process beside the new checkpoints and CSV rows.
+    clear_records(run_dir, (METRICS_FILE, SUMMARY_FILE))
+
+
+def fit_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Build data, module and trainer, fit, evaluate and write the run's record into ``run_dir`` (held and prepared
+    by :func:`train` on rank 0); returns the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
     set_num_classes(cfg, datamodule.num_classes)  # cond.enabled=true: the network conditions on the labels

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.config import check_sampler
 from diffusion_lab.module import DiffusionModule, load_checkpoint, load_module
+from diffusion_lab.run_dir import probe_writable, run_lock
 from diffusion_lab.sample import sampler_config
 from diffusion_lab.samplers import RK45Sampler, Sampler
 from diffusion_lab.samplers.base import TUNED_GRID, IndexedGenerator
@@ -33,6 +34,7 @@ from diffusion_lab.samplers.tuning import (
     GridFit,
     file_sha256,
     fit_grid,
+    grid_dir,
     grid_file,
     sampler_identity,
     save_grid_record,
@@ -79,6 +81,14 @@ def draws(module: DiffusionModule, sampler: Sampler, indices: range, seed: int) 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Fit the grid for ``cfg.ckpt_path`` and ``cfg.sampler``; write and return its record (with ``path``)."""
     options = fit_options(cfg)
+    # One fit at a time per checkpoint's grid folder; it must be writable before the checkpoint is loaded.
+    with run_lock(grid_dir(cfg.ckpt_path), "dlab-tune-grid", what="grid directory"):
+        probe_writable(grid_dir(cfg.ckpt_path), "grid directory")
+        return fit_and_save(cfg, options, overrides)
+
+
+def fit_and_save(cfg: DictConfig, options: FitOptions, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Load the checkpoint, fit the grid and write its record (atomically); returns the record (with ``path``)."""
     module = load_module(cfg.ckpt_path, map_location=cfg.device)
     sampler, settings = build_tunable_sampler(cfg, module, overrides or [])
     denoiser = module.ema_denoiser() if cfg.use_ema else module.denoiser

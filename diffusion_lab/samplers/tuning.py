@@ -26,7 +26,6 @@ Method (every piece below is what :func:`fit_grid` runs):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
+from diffusion_lab.atomic import atomic_write_json
 from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 from diffusion_lab.records import RecordError, TypeSpec, check_record, is_number, read_record, short_repr
@@ -251,11 +251,16 @@ def _search(loss: EndpointError, param: LogSigmaGrid, start: Tensor, max_evals: 
 GRID_FORMAT = "diffusion_lab.tuned_grid/1"
 
 
+def grid_dir(ckpt_path: str | Path) -> Path:
+    """The folder of the grids fitted for a checkpoint: ``<ckpt dir>/grids/<ckpt stem>``."""
+    ckpt = Path(ckpt_path)
+    return ckpt.parent / "grids" / ckpt.stem
+
+
 def grid_file(ckpt_path: str | Path, sampler_name: str, steps: int) -> Path:
     """Where the grid fitted for a checkpoint, sampler and step count lives:
     ``<ckpt dir>/grids/<ckpt stem>/<sampler>_<steps>.json``."""
-    ckpt = Path(ckpt_path)
-    return ckpt.parent / "grids" / ckpt.stem / f"{sampler_name}_{steps}.json"
+    return grid_dir(ckpt_path) / f"{sampler_name}_{steps}.json"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -327,10 +332,7 @@ def save_grid_record(path: Path, record: dict[str, Any]) -> None:
     problems = _grid_problems(record)
     if problems:
         raise ValueError(f"not writing the grid record {path}: {'; '.join(problems)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"format": GRID_FORMAT, **record}, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, {"format": GRID_FORMAT, **record}, sort_keys=False)
 
 
 def load_tuned_grid(

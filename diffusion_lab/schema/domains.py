@@ -7,6 +7,7 @@ value against it before anything is built (no torch needed), naming the key, the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,3 +60,13 @@ ADAM_BETAS = Domain(
 )
 FINITE_POSITIVE = Domain(lambda v: 0 < v < float("inf"), "a finite number > 0", "finite and positive")
 FINITE_NON_NEGATIVE = Domain(lambda v: 0 <= v < float("inf"), "a finite number >= 0", "finite and non-negative")
+
+# A run's name is one folder under the output root (hydra.run.dir outputs/${name}/…, multirun/${name}/…): a word
+# character first, then word characters, '.', '+', '-'; no '/' (no subfolders), so it never names '..', '/abs'.
+_RUN_NAME = re.compile(r"\w[\w.+-]{0,127}")
+RUN_NAME = Domain(
+    lambda v: isinstance(v, str) and _RUN_NAME.fullmatch(v) is not None,
+    "one folder name under the output root: 1-128 letters, digits, '_', '.', '+', '-', not starting with '.', '+' "
+    "or '-'; no '/' (no subfolders, no '..', no absolute path)",
+    "a safe run name",
+)

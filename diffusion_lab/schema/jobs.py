@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 from omegaconf import MISSING
 
+from diffusion_lab.schema.domains import RUN_NAME
 from diffusion_lab.schema.run import WandbConfig
 
 
@@ -33,7 +34,7 @@ class SampleConfig:
     guidance_scale: float | None = None
     # Labels of a class-conditional model, cycled over sample indices (null: 0, 1, …, num_classes − 1).
     class_labels: list[int] | None = None
-    name: str | None = None  # W&B run name prefix (null: the training run's name)
+    name: Annotated[str | None, RUN_NAME.or_null("the training run's name")] = None  # W&B run name prefix
     logger: JobLoggerConfig = field(default_factory=JobLoggerConfig)
 
 
@@ -78,7 +79,7 @@ class EvaluateConfig:
     num_samples: int = 1000
     guidance_scale: float | None = None
     ref_stats_only: bool = False  # compute + cache the reference statistics (and fid_floor@num_samples), then exit
-    name: str | None = None  # W&B run name prefix (null: the training run's name)
+    name: Annotated[str | None, RUN_NAME.or_null("the training run's name")] = None  # W&B run name prefix
     logger: JobLoggerConfig = field(default_factory=JobLoggerConfig)
 
 

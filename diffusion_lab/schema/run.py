@@ -20,6 +20,7 @@ from diffusion_lab.schema.domains import (
     POSITIVE,
     POSITIVE_INT,
     PROBABILITY,
+    RUN_NAME,
     Domain,
 )
 
@@ -180,7 +181,7 @@ class TrainConfig:
     cond: ConditioningConfig = field(default_factory=ConditioningConfig)
     precision: str = "32"
     seed: int = 0
-    name: str = "default"
+    name: Annotated[str, RUN_NAME] = "default"  # the run's folder: outputs/<name>/<time>
     ckpt_path: str | None = None
     # Resume from <run dir>/checkpoints/last.ckpt when it exists (same command, same hydra.run.dir).
     resume: bool = False
