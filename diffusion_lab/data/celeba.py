@@ -19,7 +19,7 @@ partition 1 ("valid", 19,867) or 2 ("test", 19,962).
 
 Decoding all JPEGs takes a few minutes, so each processed split is cached as one ``.npy`` of uint8
 under ``<root>/celeba/diffusion_lab_cache/`` (``cache=false`` turns this off; an unwritable root only
-warns).
+warns), with its sha256 in ``<file>.sha256``: a cache that does not match it is decoded again, with a warning.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from torch import Tensor
 from torchvision.datasets import CelebA
 from torchvision.datasets.utils import download_file_from_google_drive, extract_archive
 
+from diffusion_lab.cache_files import seal, verify_or_discard
 from diffusion_lab.data import files
 from diffusion_lab.data.base import DiffusionDataModule, TensorPairDataset, render_image_grid, uint8_to_unit
 from diffusion_lab.schema.choices import CelebACrop, CelebAValSplit, values
@@ -203,7 +204,7 @@ class CelebADataModule(DiffusionDataModule):
         """One partition as (N, 3, R, R) uint8, from the cache when it matches, else decoded (and cached)."""
         paths = self._split_paths(split)
         cached = self._cache_path(split)
-        if self.cache and cached.is_file():
+        if self.cache and verify_or_discard(cached, "ignoring the CelebA cache"):  # its sha256 first: else rebuilt
             array = _read_cache(cached)
             if array is not None and array.dtype == np.uint8 and array.shape == (len(paths), *self.data_shape):
                 return torch.from_numpy(array)
@@ -218,6 +219,7 @@ class CelebADataModule(DiffusionDataModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(tmp, x.numpy())
             tmp.replace(path)
+            seal(path)  # <path>.sha256, checked before the cache is read back
         except OSError as err:
             warnings.warn(f"CelebA: could not write the cache {path} ({err}); set dataset.cache=false", stacklevel=2)
 

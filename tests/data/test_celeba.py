@@ -122,7 +122,7 @@ def test_cache_is_written_and_reused(fake: dict[str, Any], monkeypatch: pytest.M
     first = make(fake["root"])
     first.prepare_data()
     cached = sorted(p.name for p in (fake["folder"] / "diffusion_lab_cache").iterdir())
-    assert cached == ["train_ddim_64.npy", "valid_ddim_64.npy"]
+    assert cached == ["train_ddim_64.npy", "train_ddim_64.npy.sha256", "valid_ddim_64.npy", "valid_ddim_64.npy.sha256"]
 
     def no_decoding(*args: Any, **kwargs: Any) -> None:
         raise OSError("decoding is off in this test: the cache should have been used")
