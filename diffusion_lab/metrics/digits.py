@@ -213,7 +213,7 @@ def load_classifier_file(path: str | os.PathLike[str]) -> DigitsCNN:
         ValueError: the file does not match its recorded sha256 (or has none), naming the file and both hashes.
     """
     payload = torch.load(path, map_location="cpu", weights_only=True)  # weights-only: safe before the hash check
-    problem = verify(path)
+    problem = verify(Path(path))
     if problem is not None:
         raise ValueError(
             f"digits classifier {path}: {problem}; delete it and let load_or_train_classifier rebuild it "
