@@ -1,5 +1,5 @@
 """``python -m diffusion_lab`` is ``dlab-train``."""
 
-from diffusion_lab.cli import train_main
+from diffusion_lab.train import main
 
-train_main()
+main()

@@ -1,9 +1,10 @@
-"""Console entry points ``dlab-train``, ``dlab-sample``, ``dlab-evaluate`` and ``dlab-tune-grid``, thin and fast to
-fail.
+"""What every entry point runs first, torch-free: the config checks and the hardware the config asks for.
 
-Each entry point composes its config with Hydra (a mistyped key or option fails there, with the valid
-list), validates it (ranges, impossible combinations, the hardware it asks for), and only then imports
-the training stack (Lightning alone takes seconds to import), so a typo costs about a second.
+``dlab-train``, ``dlab-sample``, ``dlab-evaluate`` and ``dlab-tune-grid`` (and ``python -m diffusion_lab.train`` …,
+the same ``main`` of each entry module) compose their config with Hydra (a mistyped key or option fails there,
+with the valid list) and validate it here: the ranges declared beside every field, impossible combinations, the
+GPU or device asked for. Only then do they import the training stack (Lightning alone takes seconds to import), so
+a typo or an out-of-range value costs about a second. This module imports no entry module.
 
     dlab-train experiment=toy2d schedule=cosine
     dlab-sample ckpt_path=outputs/digits/<run>/checkpoints/last.ckpt sampler=dpm_solver
@@ -13,20 +14,23 @@ the training stack (Lightning alone takes seconds to import), so a typo costs ab
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffusion_lab.config import CONFIG_DIR, register_configs, validate_config
+from diffusion_lab.config import (
+    check_domains,
+    check_evaluate_request,
+    check_guidance_request,
+    register_configs,
+    validate_config,
+)
+from diffusion_lab.schema.domains import DEVICES
 from diffusion_lab.schema.errors import ConfigError
 
 GPU_ACCELERATORS = ("gpu", "cuda")
-log = logging.getLogger(__name__)
 
 register_configs()
 
@@ -73,59 +77,70 @@ def route_lightning_logs() -> None:
         logger.propagate = True
 
 
-def _output_dir(cfg: DictConfig) -> Path:
+def output_dir(cfg: DictConfig) -> Path:
     """``cfg.out_dir`` when set, else the Hydra job's output directory."""
     out_dir = cfg.get("out_dir")
     return Path(out_dir) if out_dir else Path(HydraConfig.get().runtime.output_dir)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def train_main(cfg: DictConfig) -> float | None:
-    """``dlab-train``; returns the ``optimize_metric`` value (for a Hydra sweeper)."""
+def check_device(key: str, device: str, cuda_devices: int | None = None, mps: bool | None = None) -> None:
+    """Refuse a device (set at ``key``) the machine does not have, before anything is loaded onto it.
+
+    Args:
+        key: the config key, for the message.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (the form is the field's domain rule).
+        cuda_devices: CUDA devices visible here; None: ``torch.cuda.device_count()`` (torch is imported only when a
+            GPU is asked for).
+        mps: whether Apple's Metal backend is there; None: ask torch (only for ``mps``).
+    """
+    if device == "cpu":
+        return
+    if device == "mps":
+        if mps is None:
+            import torch
+
+            mps = torch.backends.mps.is_available()
+        if not mps:
+            raise ConfigError(f"{key}=mps needs Apple's Metal backend, which this machine lacks; valid here: cpu")
+        return
+    index = int(device.partition(":")[2] or 0)
+    if cuda_devices is None:
+        import torch
+
+        cuda_devices = torch.cuda.device_count()
+    if index >= cuda_devices:
+        here = ["cpu", *(["cuda"] if cuda_devices else []), *(f"cuda:{i}" for i in range(cuda_devices))]
+        raise ConfigError(
+            f"{key}={device} needs CUDA device {index}, and this machine has {cuda_devices} "
+            f"(torch.cuda.device_count() == {cuda_devices}); valid here: {here} (the forms: {list(DEVICES)})"
+        )
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """``dlab-train``: the trainer's hardware, then :func:`~diffusion_lab.config.validate_config` (ranges and
+    combinations first, torch-free; the objective's and the dataset's own checks build them, which imports torch)."""
     check_hardware(cfg)
-    validate_config(cfg)  # the dataset's own checks import Lightning (its LightningDataModule)
-    from diffusion_lab.tracking import objective
-    from diffusion_lab.train import train
-
-    route_lightning_logs()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    metrics = train(cfg, run_dir, validated=True)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "protocol"}, indent=2, sort_keys=True))
-        log.info("run directory: %s", run_dir)  # also in <run>/train.log, with Lightning's own messages
-    return objective(metrics, cfg.optimize_metric)
+    validate_config(cfg)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
-def sample_main(cfg: DictConfig) -> None:
-    """``dlab-sample``: samples.npz, grid.png and summary.json in the output directory."""
-    from diffusion_lab.sample import describe, run, track
-
-    out_dir = _output_dir(cfg)
-    summary = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
-    track(cfg, out_dir, "sample", summary, {"samples/grid": out_dir / "grid.png"})
-    print(describe(summary))
-    print(f"wrote {out_dir / 'samples.npz'}, {out_dir / 'grid.png'} and {out_dir / 'summary.json'}")
+def validate_sample(cfg: DictConfig) -> None:
+    """``dlab-sample``: every range rule of :class:`~diffusion_lab.schema.jobs.SampleConfig`, the guidance keys
+    together (:func:`~diffusion_lab.config.check_guidance_request`), then the device."""
+    check_domains(cfg)
+    check_guidance_request(cfg)
+    check_device("device", cfg.device)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-def evaluate_main(cfg: DictConfig) -> None:
-    """``dlab-evaluate``: evaluation.json and summary.json in the output directory."""
-    from diffusion_lab.evaluate import format_table, run
-    from diffusion_lab.sample import track
-
-    out_dir = _output_dir(cfg)
-    results = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
-    track(cfg, out_dir, "eval", results)
-    print(format_table(results))
-    print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'summary.json'}")
+def validate_evaluate(cfg: DictConfig) -> None:
+    """``dlab-evaluate``: the rules of :class:`~diffusion_lab.schema.jobs.EvaluateConfig`, the combinations of the
+    scores (:func:`~diffusion_lab.config.check_evaluate_request`), then the device."""
+    check_domains(cfg)
+    check_evaluate_request(cfg)
+    check_guidance_request(cfg)
+    check_device("device", cfg.device)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="tune_grid")
-def tune_grid_main(cfg: DictConfig) -> None:
-    """``dlab-tune-grid``: fit the sampler's grid to the checkpoint; write it to ``<ckpt dir>/grids/``."""
-    from diffusion_lab.tune_grid import describe, fit_options, run
-
-    fit_options(cfg)  # range checks before the checkpoint is loaded
-    record = run(cfg, list(HydraConfig.get().overrides.task))
-    print(describe(record))
+def validate_tune_grid(cfg: DictConfig) -> None:
+    """``dlab-tune-grid``: every range rule of :class:`~diffusion_lab.schema.jobs.TuneGridConfig`, then the device."""
+    check_domains(cfg)
+    check_device("device", cfg.device)

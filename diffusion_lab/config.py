@@ -11,7 +11,6 @@ combinations no single parameter can express, before any data is loaded. None of
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -22,49 +21,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.schema.choices import DDPMVariance
 from diffusion_lab.schema.errors import ConfigError
-from diffusion_lab.schema.jobs import EvaluateConfig, SampleConfig, TuneGridConfig
+from diffusion_lab.schema.jobs import EvaluateConfig, PhemaConfig, SampleConfig, TuneGridConfig
+from diffusion_lab.schema.registry import (
+    CONFIG_DIR,
+    OPTION_GROUPS,
+    build_option,
+    option_config,
+    option_names,
+    option_schema,
+)
 from diffusion_lab.schema.run import TrainConfig
-from diffusion_lab.schema.signature import domain_rules, schema_of
+from diffusion_lab.schema.sources import check_source
+from diffusion_lab.schema.signature import domain_rules
 
-# The repository's conf/ (editable install), or the copy a wheel carries inside the package.
-_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
-CONFIG_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf")
-# The groups whose options are classes (one ``_target_`` each); the other groups set fields of TrainConfig.
-OPTION_GROUPS = ("schedule", "parameterization", "weighting", "time_sampler", "sampler", "model", "dataset", "metrics")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "64")
-
-
-@dataclasses.dataclass
-class NoTarget:
-    """The schema of an option that builds nothing (``metrics=none``: ``_target_: null``)."""
-
-    _target_: Any = None
-
-
-@functools.cache
-def _option_files(group: str) -> dict[str, dict[str, Any]]:
-    """``name -> YAML contents`` of every option of ``group`` (the files are small; reading them takes ms)."""
-    files = sorted(Path(CONFIG_DIR, group).glob("*.yaml"))
-    return {f.stem: yaml.safe_load(f.read_text(encoding="utf-8")) or {} for f in files}
-
-
-def option_names(group: str) -> list[str]:
-    """The options of ``group`` (``conf/<group>/*.yaml``)."""
-    return list(_option_files(group))
-
-
-def option_schema(group: str, name: str) -> type:
-    """The schema of option ``name`` of ``group``: derived from the class its YAML names."""
-    if name not in _option_files(group):
-        raise ConfigError(f"unknown {group} option {name!r}; valid choices: {option_names(group)}")
-    target = _option_files(group)[name].get("_target_")
-    return schema_of(target) if target else NoTarget
-
-
-def option_config(group: str, name: str) -> DictConfig:
-    """Option ``name`` of ``group`` as composing ``<group>=<name>`` gives it (schema + the YAML's values)."""
-    values = {k: v for k, v in _option_files(group)[name].items() if k != "defaults"}
-    return OmegaConf.merge(OmegaConf.structured(option_schema(group, name)), values)  # type: ignore[return-value]
 
 
 def register_configs() -> None:
@@ -78,6 +48,7 @@ def register_configs() -> None:
         ("sample", SampleConfig),
         ("evaluate", EvaluateConfig),
         ("tune_grid", TuneGridConfig),
+        ("phema", PhemaConfig),
     ):
         cs.store(name=f"{name}_schema", node=node)
 
@@ -113,12 +84,27 @@ def _check_unet_shape(model: DictConfig) -> None:
         )
 
 
+def _check_dit_shape(model: DictConfig) -> None:
+    """A DiT's heads split its width, and its 2-D sin-cos positions take a width divisible by 4."""
+    if "hidden_size" in model and "num_heads" in model and model.hidden_size % model.num_heads:
+        raise ConfigError(
+            f"model.hidden_size={model.hidden_size} is not divisible by model.num_heads={model.num_heads}; "
+            f"valid: a num_heads dividing {model.hidden_size}"
+        )
+    if "hidden_size" in model and "patch_size" in model and model.hidden_size % 4:
+        raise ConfigError(
+            f"model.hidden_size={model.hidden_size} must be divisible by 4 (2-D sin-cos positions); valid: a multiple "
+            "of 4"
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check ranges and combinations that the schema types cannot express; raise :class:`ConfigError`."""
     if str(cfg.precision) not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r} is not supported; valid choices: {list(PRECISIONS)}")
     check_domains(cfg)
     _check_unet_shape(cfg.model)
+    _check_dit_shape(cfg.model)
     if not (cfg.trainer.max_steps > 0 or cfg.trainer.max_epochs > 0):
         raise ConfigError("trainer.max_steps or max_epochs must be > 0")
     if str(cfg.trainer.strategy).startswith("fsdp") and cfg.trainer.accelerator == "cpu":
@@ -127,21 +113,81 @@ def validate_config(cfg: DictConfig) -> None:
             "trainer.accelerator=cpu use trainer=ddp (valid strategies on CPU: auto, ddp, ddp_spawn)"
         )
     _check_digits_metric(cfg)  # config-only checks first: they need no torch import
+    check_posthoc_ema(cfg)
+    if cfg.eval.num_samples > 0:
+        check_isc_splits("eval.num_samples", cfg.eval.num_samples, cfg.metrics)
+    check_source(cfg)  # a non-Gaussian prior: rectified flow, an ODE sampler, no likelihood
     _check_objective(cfg)
     datamodule = _instantiate_axis(cfg, "dataset")  # its own checks (it is built, not set up: no data is loaded)
+    check_model_data(cfg.model, tuple(datamodule.data_shape), str(cfg.dataset._target_))
     _check_conditioning(cfg, datamodule)
 
 
-def _instantiate_axis(cfg: DictConfig, group: str) -> Any:
-    """Build one objective axis; a constructor's ValueError becomes a ConfigError naming the group."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+def check_posthoc_ema(cfg: DictConfig) -> None:
+    """``ema.posthoc``: ``sigma_rel`` is what ``dlab-phema`` records in the checkpoints it writes, never a training
+    setting; the snapshots hold full weights of every rank's copy, which FSDP shards (not supported)."""
+    posthoc = cfg.ema.posthoc
+    if posthoc.sigma_rel is not None:
+        raise ConfigError(
+            f"ema.posthoc.sigma_rel={posthoc.sigma_rel} is written by dlab-phema into the checkpoints it reconstructs; "
+            "valid in training: null (choose the tracked profiles with ema.posthoc.sigma_rels=[…])"
+        )
+    if posthoc.sigma_rels and str(cfg.trainer.strategy).startswith("fsdp"):
+        raise ConfigError(
+            f"ema.posthoc.sigma_rels={list(posthoc.sigma_rels)} with trainer.strategy={cfg.trainer.strategy}: post-hoc "
+            "EMA snapshots need each rank to hold the full weights; valid: trainer.strategy=auto|ddp, or "
+            "ema.posthoc.sigma_rels=[]"
+        )
 
-    try:
-        return instantiate(cfg[group])
-    except (InstantiationException, ValueError) as err:
-        cause = err.__cause__ or err
-        raise ConfigError(f"{group}: {cause}") from err
+
+def check_model_data(model: DictConfig, data_shape: tuple[int, ...], dataset: str) -> None:
+    """The network must take the dataset's samples ``data_shape`` (known once the datamodule is built, before any data
+    is loaded): an image network's ``in_channels`` = C of ``(C, H, W)`` and H, W divisible by its downsampling
+    factor; a vector network's ``dim`` = D of ``(D,)``. Else a :class:`ConfigError` naming key and valid value."""
+    where = f"dataset={dataset.rsplit('.', 1)[-1]} gives samples of shape {data_shape}"
+    if "in_channels" in model:
+        if len(data_shape) != 3:
+            raise ConfigError(f"model={model._target_} takes images (C, H, W), but {where}; valid: a vector model")
+        if model.in_channels != data_shape[0]:
+            raise ConfigError(f"model.in_channels={model.in_channels}, but {where}; valid: {data_shape[0]}")
+        factor = 2 ** (len(model.channel_mult) - 1) if "channel_mult" in model else 1
+        if data_shape[1] % factor or data_shape[2] % factor:
+            raise ConfigError(
+                f"model.channel_mult={list(model.channel_mult)} downsamples by 2**(levels-1)={factor}, but {where}; "
+                f"valid: a dataset resolution divisible by {factor}, or fewer levels"
+            )
+        if "patch_size" in model and (data_shape[1] % model.patch_size or data_shape[2] % model.patch_size):
+            raise ConfigError(
+                f"model.patch_size={model.patch_size} must divide the image size, but {where}; valid: a patch_size "
+                f"dividing {data_shape[1]} and {data_shape[2]}"
+            )
+    if "dim" in model and tuple(data_shape) != (model.dim,):
+        raise ConfigError(f"model.dim={model.dim}, but {where}; valid: a model for that shape")
+
+
+def check_isc_splits(key: str, num_samples: int, metrics: Any) -> None:
+    """The Inception Score averages over ``metrics.isc_splits`` parts of the samples (Salimans et al. 2016), each of
+    which needs one: with ``metrics.isc`` on, ``num_samples`` (set at ``key``) must be at least that many."""
+    if metrics is None or not str(metrics.get("_target_") or "").endswith("FidelityMetric") or not metrics.get("isc"):
+        return
+    if num_samples < metrics.isc_splits:
+        raise ConfigError(
+            f"{key}={num_samples} is below metrics.isc_splits={metrics.isc_splits} (the Inception Score needs a sample "
+            f"in each split); valid: {key} >= {metrics.isc_splits}, or metrics.isc=false"
+        )
+
+
+def check_evaluate_request(cfg: DictConfig) -> None:
+    """``dlab-evaluate``: combinations of ``scores`` with the other keys (each value's range is its field's rule)."""
+    if cfg.ref_stats_only and "fid" not in cfg.scores:
+        raise ConfigError(f"ref_stats_only=true needs fid in scores, got scores={list(cfg.scores)}")
+    if "fid" in cfg.scores and not cfg.ref_stats_only:
+        check_isc_splits("num_samples", cfg.num_samples, cfg.metrics)
+
+
+def _instantiate_axis(cfg: DictConfig, group: str) -> Any:
+    """Build one objective axis through the registry; a constructor's error becomes a ConfigError naming the group."""
+    return build_option(group, cfg[group])
 
 
 # Nichol & Dhariwal 2021 learn Σ per integer step; the VLB term needs the discrete posterior.
@@ -200,9 +246,7 @@ def _check_digits_metric(cfg: DictConfig) -> None:
 
 def dataset_num_classes(dataset_cfg: DictConfig) -> int | None:
     """The label count of the configured datamodule (built, not set up: no data is loaded)."""
-    from hydra.utils import instantiate
-
-    return instantiate(dataset_cfg).num_classes
+    return build_option("dataset", dataset_cfg).num_classes
 
 
 def check_guidance(key: str, scale: float | None, num_classes: int | None, p_uncond: float) -> None:
@@ -223,6 +267,24 @@ def check_guidance(key: str, scale: float | None, num_classes: int | None, p_unc
         raise ConfigError(
             f"{key}={scale} needs the unconditional branch, but cond.p_uncond=0 never trained the null label; "
             f"train with cond.p_uncond in (0, 1] or set {key}=null"
+        )
+
+
+def check_guidance_request(cfg: DictConfig) -> None:
+    """``dlab-sample`` / ``dlab-evaluate``: ``guidance``, ``guide_ckpt`` and ``guidance_interval`` fit together (each
+    value's range is its field's rule); the checkpoints themselves are compared once their configs are read."""
+    kind = str(getattr(cfg.guidance, "value", cfg.guidance))
+    if kind == "auto" and (cfg.guidance_scale is None or not cfg.guide_ckpt):
+        raise ConfigError(
+            f"guidance=auto needs guide_ckpt=<a checkpoint of a weaker model> and guidance_scale=w (got guide_ckpt="
+            f"{cfg.guide_ckpt}, guidance_scale={cfg.guidance_scale}); valid: both set, or guidance=cfg"
+        )
+    if kind != "auto" and cfg.guide_ckpt:
+        raise ConfigError(f"guide_ckpt={cfg.guide_ckpt} is the guide of autoguidance; valid: guidance=auto with it")
+    if cfg.guidance_interval is not None and cfg.guidance_scale is None:
+        raise ConfigError(
+            f"guidance_interval={list(cfg.guidance_interval)} limits guidance, but guidance_scale=null applies none; "
+            "valid: set guidance_scale=w, or guidance_interval=null"
         )
 
 

@@ -29,29 +29,27 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.atomic import atomic_write_json
-from diffusion_lab.callbacks.evaluation import MAX_REFERENCE, generate_in_batches, guidance_suffix, sampling_protocol
-from diffusion_lab.config import DIGITS_METRIC_RESIZE, check_guidance, option_config
-from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions
-from diffusion_lab.metrics import format_count, metric_key
-from diffusion_lab.metrics.likelihood import BitsPerDim, bits_per_dim
-from diffusion_lab.module import DiffusionModule, load_module
+from diffusion_lab.cli import output_dir, validate_evaluate
+from diffusion_lab.config import DIGITS_METRIC_RESIZE, check_guidance
 from diffusion_lab.run_dir import prepare_output_dir, run_lock
-from diffusion_lab.sample import build_sampler
-from diffusion_lab.samplers.tuning import grid_protocol
 from diffusion_lab.schema.errors import ConfigError
-from diffusion_lab.schema.jobs import HutchinsonProbe, LikelihoodMethod
-from diffusion_lab.tracking.filing import SUMMARY_FILE
+from diffusion_lab.schema.jobs import SAMPLE_SCORES, SPLITS, HutchinsonProbe, LikelihoodMethod
+from diffusion_lab.schema.registry import CONFIG_DIR, build_option, option_class, option_config
+from diffusion_lab.schema.sources import LIKELIHOOD_REASON
 
-SPLITS = ("train", "val")
+if TYPE_CHECKING:
+    from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions
+    from diffusion_lab.metrics.likelihood import BitsPerDim
+    from diffusion_lab.module import DiffusionModule
+
 EVALUATION_FILE = "evaluation.json"
-EVALUATE_RECORDS = (EVALUATION_FILE, SUMMARY_FILE)  # what an evaluate job leaves; a re-run removes them first
 
 
 def held_out_data(module: DiffusionModule, split: str, num_examples: int | None) -> Any:
@@ -59,13 +57,15 @@ def held_out_data(module: DiffusionModule, split: str, num_examples: int | None)
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} is not supported; valid choices: {list(SPLITS)}")
     assert module.config is not None
-    datamodule = instantiate(OmegaConf.create(module.config)["dataset"])
+    datamodule = build_option("dataset", module.config["dataset"])
     data = datamodule.val_tensor() if split == "val" else datamodule.train_tensor()
     return data[:num_examples] if num_examples is not None else data
 
 
 def ode_options(cfg: DictConfig) -> ODELikelihoodOptions:
     """The ``ode_*`` keys as :class:`ODELikelihoodOptions`; an out-of-range value is a :class:`ConfigError`."""
+    from diffusion_lab.diffusion.ode_likelihood import ODELikelihoodOptions
+
     try:
         return ODELikelihoodOptions(
             t_eps=cfg.ode_t_eps,
@@ -80,6 +80,8 @@ def ode_options(cfg: DictConfig) -> ODELikelihoodOptions:
 
 def _bits_per_dim(cfg: DictConfig, denoiser: Any, data: Any, method: str) -> BitsPerDim:
     """Bits/dim by ``method``: the ELBO ones with ``num_t_samples``, ``ode`` with the ``ode_*`` keys."""
+    from diffusion_lab.metrics.likelihood import bits_per_dim
+
     if method == LikelihoodMethod.ode.value:
         options = ode_options(cfg)
         return bits_per_dim(
@@ -90,6 +92,8 @@ def _bits_per_dim(cfg: DictConfig, denoiser: Any, data: Any, method: str) -> Bit
 
 def evaluate_bpd(cfg: DictConfig, module: DiffusionModule) -> dict[str, Any]:
     """``{"<split>/bpd@N": …, "<split>/bpd_sem@N": …, "protocol": …}``; ``bpd_ode`` for ``bpd_method=ode``."""
+    from diffusion_lab.metrics.base import format_count
+
     data = held_out_data(module, cfg.split, cfg.num_examples)
     denoiser = module.ema_denoiser() if cfg.use_ema else module.denoiser
     method = LikelihoodMethod(cfg.bpd_method).value
@@ -103,9 +107,8 @@ def evaluate_bpd(cfg: DictConfig, module: DiffusionModule) -> dict[str, Any]:
     }
 
 
+# Likelihood score -> its evaluation (the names: schema.jobs.LIKELIHOOD_SCORES, the rule of ``scores``).
 EVALUATORS: dict[str, Callable[[DictConfig, DiffusionModule], dict[str, Any]]] = {"bpd": evaluate_bpd}
-# Sample-quality score -> the ``metrics=`` option that computes it.
-SAMPLE_SCORES = {"fid": "fid", "fd_digits": "digits_fd", "toy2d": "toy2d"}
 
 
 def sample_metric(cfg: DictConfig, module: DiffusionModule, score: str, datamodule: Any) -> Any:
@@ -122,8 +125,9 @@ def sample_metric(cfg: DictConfig, module: DiffusionModule, score: str, datamodu
         if option == "digits_fd" and resize is not None:
             node.resize = DIGITS_METRIC_RESIZE[str(resize)]
     log_prob = getattr(datamodule, "log_prob", None)
-    takes_log_prob = "log_prob" in inspect.signature(hydra.utils.get_class(target)).parameters
-    metric = instantiate(node, **({"log_prob": log_prob} if log_prob is not None and takes_log_prob else {}))
+    takes_log_prob = "log_prob" in inspect.signature(option_class("metrics", node)).parameters
+    extra = {"log_prob": log_prob} if log_prob is not None and takes_log_prob else {}
+    metric = build_option("metrics", node, extra=extra)
     if getattr(metric, "reference_name", None) == "reference":
         metric.reference_name = f"{type(datamodule).__name__}-train"
     return metric
@@ -131,6 +135,8 @@ def sample_metric(cfg: DictConfig, module: DiffusionModule, score: str, datamodu
 
 def _reference(metric: Any, datamodule: Any) -> Any:
     """The training split, capped at the metric's ``max_reference`` (default :data:`MAX_REFERENCE`)."""
+    from diffusion_lab.callbacks.evaluation import MAX_REFERENCE
+
     cap = getattr(metric, "max_reference", MAX_REFERENCE)
     data = datamodule.train_tensor()
     return data if cap is None else data[:cap]
@@ -179,17 +185,23 @@ def plan_samples(cfg: DictConfig, module: DiffusionModule, scores: list[str], ov
     sampler vs schedule): an impossible request fails here, before any likelihood evaluation or sampling."""
     assert module.config is not None
     check_score_data(scores, module.data_shape)
-    datamodule = instantiate(OmegaConf.create(module.config)["dataset"])
+    datamodule = build_option("dataset", module.config["dataset"])
     metrics = {s: sample_metric(cfg, module, s, datamodule) for s in scores}
     for metric in metrics.values():  # e.g. load and check the Inception weights
         getattr(metric, "check_ready", lambda: None)()
     check_guidance("guidance_scale", cfg.guidance_scale, module.num_classes, module.p_uncond)
+    from diffusion_lab.checkpoint_jobs import build_sampler
+
     return SamplePlan(datamodule, metrics, build_sampler(cfg, module, overrides))
 
 
 def evaluate_samples(cfg: DictConfig, module: DiffusionModule, plan: SamplePlan) -> dict[str, Any]:
     """Draw ``cfg.num_samples`` samples once and score them with every metric of ``plan``
     (``val/<name>@N_nfeK``)."""
+    from diffusion_lab.callbacks.evaluation import generate_in_batches, guidance_suffix, sampling_protocol
+    from diffusion_lab.metrics.base import metric_key
+    from diffusion_lab.samplers.tuning import grid_protocol
+
     datamodule, sampler = plan.datamodule, plan.sampler
     out, rate = generate_in_batches(
         module, cfg.num_samples, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, progress=True,
@@ -216,10 +228,8 @@ def evaluate_samples(cfg: DictConfig, module: DiffusionModule, plan: SamplePlan)
 def reference_stats_only(cfg: DictConfig, module: DiffusionModule) -> dict[str, Any]:
     """``ref_stats_only=true``: compute and cache every ``fid`` reference (and ``fid_floor@num_samples``)."""
     assert module.config is not None
-    if "fid" not in cfg.scores:
-        raise ConfigError(f"ref_stats_only=true needs fid in scores, got scores={list(cfg.scores)}")
     check_score_data(["fid"], module.data_shape)
-    datamodule = instantiate(OmegaConf.create(module.config)["dataset"])
+    datamodule = build_option("dataset", module.config["dataset"])
     metric = sample_metric(cfg, module, "fid", datamodule)
     metric.check_ready()
     reference = _reference(metric, datamodule)
@@ -229,36 +239,31 @@ def reference_stats_only(cfg: DictConfig, module: DiffusionModule) -> dict[str, 
     return {**floors, "protocol": {"fid": {**_metric_protocol(metric), **cache, "reference_examples": len(reference)}}}
 
 
-def _check_scores(cfg: DictConfig) -> None:
-    """Unknown scores and bad ``ode_*`` values fail before the checkpoint and data are loaded."""
-    valid = sorted([*EVALUATORS, *SAMPLE_SCORES])
-    unknown = [m for m in cfg.scores if m not in valid]
-    if unknown:
-        raise ConfigError(f"unknown scores {unknown}; valid choices: {valid}")
-    sample_scores = [s for s in cfg.scores if s in SAMPLE_SCORES]
-    if sample_scores and cfg.num_samples < 1:
-        raise ConfigError(
-            f"num_samples={cfg.num_samples}: the sample scores {sample_scores} need num_samples >= 1 (an integer)"
-        )
-    if LikelihoodMethod(cfg.bpd_method) == LikelihoodMethod.ode:
-        ode_options(cfg)
-
-
 def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluate every metric in ``cfg.scores`` on ``cfg.ckpt_path``; writes ``evaluation.json``.
 
-    ``overrides``: the command line's (a chosen sampler keeps the run's ``clip_x0`` unless it is overridden).
+    ``overrides``: the command line's (a chosen sampler keeps the run's ``clip_x0`` unless it is overridden). The
+    config is checked first (:func:`~diffusion_lab.cli.validate_evaluate`: ranges, scores, the device), before torch
+    is imported or the checkpoint read.
     """
-    _check_scores(cfg)
+    validate_evaluate(cfg)
+    from diffusion_lab.tracking.filing import SUMMARY_FILE  # the tracking package imports Lightning
+
+    records = (EVALUATION_FILE, SUMMARY_FILE)  # what an evaluate job leaves; a re-run removes them first
     with run_lock(out_dir, "dlab-evaluate"):  # a second job into out_dir is refused at once
-        prepare_output_dir(out_dir, EVALUATE_RECORDS)  # writable, and no old record beside new results
+        prepare_output_dir(out_dir, records)  # writable, and no old record beside new results
         return evaluate_checkpoint(cfg, out_dir, overrides)
 
 
 def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Load the checkpoint, compute every score and write ``evaluation.json`` (atomically) into ``out_dir`` (held
     and prepared by :func:`run`); returns the results."""
+    from diffusion_lab.checkpoint_loading import load_module
+
     module = load_module(cfg.ckpt_path, map_location=cfg.device)
+    likelihoods = [name for name in cfg.scores if name in EVALUATORS]
+    if likelihoods and not module.prior.gaussian:  # before any work: the model's source is not N(0, I)
+        raise ConfigError(f"scores={likelihoods}: {cfg.ckpt_path} has a non-Gaussian prior, and {LIKELIHOOD_REASON}")
     results: dict[str, Any] = {"checkpoint": str(cfg.ckpt_path), "protocol": {}}
     if cfg.ref_stats_only:
         outputs = [reference_stats_only(cfg, module)]
@@ -284,7 +289,18 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m diffusion_lab.evaluate …: the same entry point as dlab-evaluate
-    from diffusion_lab.cli import evaluate_main
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    """``dlab-evaluate``: evaluation.json and summary.json in the output directory (:func:`run` checks the config
+    before torch is imported)."""
+    out_dir = output_dir(cfg)
+    results = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
+    from diffusion_lab.checkpoint_jobs import track
 
-    evaluate_main()
+    track(cfg, out_dir, "eval", results)
+    print(format_table(results))
+    print(f"wrote {out_dir / EVALUATION_FILE} and {out_dir / 'summary.json'}")
+
+
+if __name__ == "__main__":  # python -m diffusion_lab.evaluate …: the same entry point as dlab-evaluate
+    main()

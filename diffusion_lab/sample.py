@@ -12,105 +12,83 @@ whose calls each run the conditional and unconditional branch in one batch), ``g
 the one stored with the run.
 A conditional model samples labels cycling over ``class_labels`` (default: all classes).
 
-The job is recorded like a training run (:func:`track`): ``summary.json`` in the output directory and a W&B
-run with ``job_type=sample`` in the training run's group (or the job's own sweep), the grid as media.
+The job is recorded like a training run (:func:`~diffusion_lab.checkpoint_jobs.track`): ``summary.json`` in the
+output directory and a W&B run with ``job_type=sample`` in the training run's group (or the job's own sweep), the
+grid as media.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import hydra
 import numpy as np
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
 from diffusion_lab.atomic import atomic_write, atomic_write_json
-from diffusion_lab.callbacks import generate_in_batches, sampling_protocol, save_png
-from diffusion_lab.callbacks.checkpoint import RUN_KEY, WANDB_KEY
-from diffusion_lab.config import check_guidance, check_sampler
-from diffusion_lab.module import load_checkpoint, load_module
+from diffusion_lab.cli import output_dir, validate_sample
+from diffusion_lab.config import check_guidance
 from diffusion_lab.run_dir import prepare_output_dir, run_lock
-from diffusion_lab.samplers.base import TUNED_GRID
-from diffusion_lab.samplers.tuning import grid_protocol, load_tuned_grid
 from diffusion_lab.schema.errors import ConfigError
-from diffusion_lab.tracking import track_job, training_run
-from diffusion_lab.tracking.filing import SUMMARY_FILE
+from diffusion_lab.schema.registry import CONFIG_DIR, build_option
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLES_FILE, GRID_FILE, SAMPLE_SUMMARY_FILE = "samples.npz", "grid.png", "sample_summary.json"
-# What a sample job leaves in its directory; a re-run removes them all before it samples.
-SAMPLE_RECORDS = (SAMPLES_FILE, GRID_FILE, SAMPLE_SUMMARY_FILE, SUMMARY_FILE)
 
 
 def render(run_config: dict[str, Any], samples: torch.Tensor) -> np.ndarray:
     """Render with the training run's datamodule (built, not set up: no data is loaded)."""
-    datamodule = instantiate(OmegaConf.create(run_config)["dataset"])
+    datamodule = build_option("dataset", run_config["dataset"])
     return datamodule.render(samples)
 
 
-def sampler_config(cfg: DictConfig, module: Any, overrides: list[str]) -> DictConfig:
-    """The requested sampler's config node, or the run's when ``cfg.sampler`` is null.
-
-    A sampler chosen here keeps the run's ``clip_x0`` (a property of the data's range: [−1, 1] images or
-    unbounded vectors) unless ``sampler.clip_x0`` is itself among the command-line ``overrides``.
-    """
-    if cfg.sampler is None:
-        return OmegaConf.create(module.config["sampler"])
-    sampler_cfg = cfg.sampler.copy()
-    run_clip = module.config.get("sampler", {}).get("clip_x0", "missing")
-    if run_clip != "missing" and not any(o.split("=")[0].lstrip("+~") == "sampler.clip_x0" for o in overrides):
-        sampler_cfg.clip_x0 = run_clip
-    return sampler_cfg
-
-
-def build_sampler(cfg: DictConfig, module: Any, overrides: list[str]) -> Any:
-    """The requested sampler (or the run's, :func:`sampler_config`), checked against the checkpoint's schedule.
-
-    ``sampler.grid=tuned`` attaches the grid ``dlab-tune-grid`` fitted for ``cfg.ckpt_path``, these sampler
-    settings and ``cfg.use_ema`` (:func:`~diffusion_lab.samplers.tuning.load_tuned_grid`), or refuses.
-    """
-    if cfg.sampler is None:
-        return module.sampler
-    sampler_cfg = sampler_config(cfg, module, overrides)
-    try:
-        sampler = instantiate(sampler_cfg)
-    except Exception as err:  # hydra wraps the constructor's ValueError
-        raise ConfigError(f"sampler: {err.__cause__ or err}") from err
-    if sampler.grid == TUNED_GRID:
-        identity = OmegaConf.to_container(sampler_cfg, resolve=True, enum_to_str=True)
-        try:
-            load_tuned_grid(sampler, identity, cfg.ckpt_path, cfg.use_ema)  # type: ignore[arg-type]
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-    check_sampler(sampler, module.denoiser.schedule)
-    return sampler
-
-
 def run(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Sample from ``cfg.ckpt_path`` into ``out_dir``; returns a summary dict. ``overrides``: the command line's."""
-    check_num_samples(cfg.num_samples)
+    """Sample from ``cfg.ckpt_path`` into ``out_dir``; returns a summary dict. ``overrides``: the command line's.
+
+    The config is checked first (:func:`~diffusion_lab.cli.validate_sample`: ranges, the device), before torch is
+    imported or the checkpoint read."""
+    validate_sample(cfg)
+    from diffusion_lab.tracking.filing import SUMMARY_FILE  # the tracking package imports Lightning
+
+    # What a sample job leaves in its directory; a re-run removes them all before it samples.
+    records = (SAMPLES_FILE, GRID_FILE, SAMPLE_SUMMARY_FILE, SUMMARY_FILE)
     with run_lock(out_dir, "dlab-sample"):  # a second job into out_dir is refused at once
-        prepare_output_dir(out_dir, SAMPLE_RECORDS)  # writable, and no old record beside new samples
+        prepare_output_dir(out_dir, records)  # writable, and no old record beside new samples
         return draw_samples(cfg, out_dir, overrides)
 
 
 def draw_samples(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Load the checkpoint, sample, write ``samples.npz``, ``grid.png`` and ``sample_summary.json`` (each atomically)
     into ``out_dir`` (held and prepared by :func:`run`); returns the summary dict."""
+    from diffusion_lab.autoguidance import check_guide, job_guidance
+    from diffusion_lab.callbacks.evaluation import generate_in_batches, sampling_protocol
+    from diffusion_lab.callbacks.sample_grid import save_png
+    from diffusion_lab.checkpoint_jobs import build_sampler, checkpoint_conditioning
+    from diffusion_lab.checkpoint_loading import load_module
+    from diffusion_lab.samplers.tuning import grid_protocol
+
+    check_sampling_request(cfg, *checkpoint_conditioning(cfg.ckpt_path))  # before the module is built
+    if cfg.guide_ckpt:
+        check_guide(cfg.ckpt_path, cfg.guide_ckpt)  # both configs read, neither model built
     module = load_module(cfg.ckpt_path, map_location=cfg.device)
     assert module.config is not None
-    check_sampling_request(cfg, module.num_classes, module.p_uncond)
     sampler = build_sampler(cfg, module, overrides or [])
     labels = None if cfg.class_labels is None else list(cfg.class_labels)
     out, rate = generate_in_batches(
         module, cfg.num_samples, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, progress=True,
-        class_labels=labels, guidance_scale=cfg.guidance_scale,
+        class_labels=labels, guidance=job_guidance(cfg, module),
     )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    w = out.guidance_scale
+    w, interval = out.guidance_scale, out.guidance_interval
     arrays: dict[str, Any] = {"x0": out.x0.numpy(), "nfe": out.nfe, "network_evals": out.network_evals}
     arrays |= {"guided": out.guided, "guidance_scale": float("nan") if w is None else w, "seed": cfg.seed}
+    arrays |= {"guidance": out.guidance or "", "guide_ckpt": cfg.guide_ckpt or ""}
+    arrays |= {"guidance_interval": np.array([] if interval is None else interval, dtype=np.float64)}
+    arrays |= {"guided_calls": float("nan") if not out.guided else out.nfe if interval is None else out.guided_calls}
     grid = grid_protocol(sampler)
     arrays |= {"time_grid": grid["time_grid"], "time_grid_file": grid["time_grid_file"] or ""}
     if out.y is not None:
@@ -134,28 +112,11 @@ def draw_samples(cfg: DictConfig, out_dir: Path, overrides: list[str] | None = N
     return summary
 
 
-def track(
-    cfg: DictConfig, out_dir: Path, job_type: str, metrics: dict[str, Any], media: dict[str, Path] | None = None
-) -> Path:
-    """Record a ``sample`` / ``eval`` job on ``cfg.ckpt_path``: ``summary.json`` + a W&B run grouped with the
-    training run (:func:`diffusion_lab.tracking.track_job`); returns the summary's path."""
-    ckpt = load_checkpoint(cfg.ckpt_path, mmap=True)  # the config and run entries; the weights stay on disk
-    train_config = ckpt["diffusion_lab_config"]
-    train = training_run(cfg.ckpt_path, train_config, ckpt.get(WANDB_KEY), ckpt.get(RUN_KEY))
-    with run_lock(out_dir, f"dlab-{job_type}"):  # never while another job writes out_dir
-        return track_job(cfg, out_dir, job_type, metrics, train_config, train, media)
-
-
-def check_num_samples(num_samples: int) -> None:
-    """``num_samples`` must be an integer >= 1 (0 would write an empty ``samples.npz`` and exit 0); raise
-    :class:`ConfigError` before the checkpoint is loaded."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"num_samples={num_samples!r}: must be an integer >= 1")
-
-
 def check_sampling_request(cfg: DictConfig, num_classes: int | None, p_uncond: float) -> None:
-    """``guidance_scale`` and ``class_labels`` must suit the checkpoint's model; raise :class:`ConfigError`."""
-    check_guidance("guidance_scale", cfg.guidance_scale, num_classes, p_uncond)
+    """``guidance_scale`` and ``class_labels`` must suit the checkpoint's model; raise :class:`ConfigError`.
+    Classifier-free guidance needs a conditional model trained with label dropout; autoguidance any model."""
+    if str(getattr(cfg.guidance, "value", cfg.guidance)) == "cfg":
+        check_guidance("guidance_scale", cfg.guidance_scale, num_classes, p_uncond)
     if cfg.class_labels is None:
         return
     if num_classes is None:
@@ -163,11 +124,11 @@ def check_sampling_request(cfg: DictConfig, num_classes: int | None, p_uncond: f
             f"class_labels={list(cfg.class_labels)} needs a class-conditional model; this one is unconditional "
             "(valid: class_labels=null)"
         )
-    bad = [c for c in cfg.class_labels if not 0 <= c <= num_classes]
-    if bad or len(cfg.class_labels) == 0:
+    # Label num_classes is the null label of classifier-free guidance (Ho & Salimans 2022), not a class to ask for.
+    if len(cfg.class_labels) == 0 or not all(0 <= c < num_classes for c in cfg.class_labels):
         raise ConfigError(
-            f"class_labels={list(cfg.class_labels)}: valid labels are 0..{num_classes - 1} "
-            f"(and {num_classes}, the null label), as a non-empty list"
+            f"class_labels={list(cfg.class_labels)}: valid labels are 0..{num_classes - 1} (this model's classes), "
+            "as a non-empty list"
         )
 
 
@@ -175,7 +136,13 @@ def describe(summary: dict[str, Any]) -> str:
     """The one-line printout: NFE (denoiser calls per sample), guidance, samples/s."""
     nfe, evals = summary["nfe"], summary["network_evals_per_sample"]
     if summary["guided"]:
-        cost = f"guided, CFG w={summary['guidance_scale']:g}: {evals} network evaluations per sample, 2 per call"
+        kind = "CFG" if summary.get("guidance", "cfg") == "cfg" else "autoguidance"
+        interval, guided = summary.get("guidance_interval"), summary.get("guided_calls_per_sample", nfe)
+        where = f" in σ/α ∈ ({interval[0]:g}, {interval[1]:g}]" if interval else ""
+        cost = (
+            f"guided, {kind} w={summary['guidance_scale']:g}: {guided:g} of {nfe} calls guided{where}, "
+            f"{evals:g} network evaluations per sample (2 per guided call, 1 otherwise)"
+        )
     else:
         cost = "unguided"
     labels = f", labels {summary['labels']}" if summary["labels"] else ""
@@ -185,7 +152,18 @@ def describe(summary: dict[str, Any]) -> str:
     )
 
 
-if __name__ == "__main__":  # python -m diffusion_lab.sample …: the same entry point as dlab-sample
-    from diffusion_lab.cli import sample_main
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    """``dlab-sample``: samples.npz, grid.png and summary.json in the output directory (:func:`run` checks the config
+    before torch is imported)."""
+    out_dir = output_dir(cfg)
+    summary = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
+    from diffusion_lab.checkpoint_jobs import track
 
-    sample_main()
+    track(cfg, out_dir, "sample", summary, {"samples/grid": out_dir / GRID_FILE})
+    print(describe(summary))
+    print(f"wrote {out_dir / SAMPLES_FILE}, {out_dir / GRID_FILE} and {out_dir / 'summary.json'}")
+
+
+if __name__ == "__main__":  # python -m diffusion_lab.sample …: the same entry point as dlab-sample
+    main()

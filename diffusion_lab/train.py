@@ -1,4 +1,7 @@
-"""dlab-train: compose the config, build data + module + trainer, fit, evaluate, write the run summary.
+"""dlab-train: compose and check the config, build data + module + trainer, fit, evaluate, write the run summary.
+
+Module-level imports are torch-free, so ``python -m diffusion_lab.train`` reports a config error as fast as
+``dlab-train``: the training stack is imported inside the functions that run after the checks.
 
 dlab-train                                  # the default experiment (digits, CPU, a few minutes)
 dlab-train experiment=toy2d schedule=cosine parameterization=v weighting=min_snr
@@ -9,46 +12,30 @@ python -m diffusion_lab.train trainer=ddp trainer.accelerator=cpu trainer.device
 from __future__ import annotations
 
 import inspect
+import json
+import logging
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
-import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.callbacks import SampleEvaluation, SampleGrid
-from diffusion_lab.callbacks.checkpoint import (
-    AtomicCheckpointIO,
-    ExactResume,
-    checkpoint_callbacks,
-    make_train_loader_resumable,
-    resolve_resume,
-    stored_wandb_run_id,
-)
-from diffusion_lab.callbacks.nan_guard import NonFiniteGuard
-from diffusion_lab.callbacks.progress import StepProgressBar, StepRichProgressBar
-from diffusion_lab.cli import CONFIG_DIR  # noqa: F401  (re-exported: tests compose the real configs)
+from diffusion_lab.cli import route_lightning_logs, validate_train
 from diffusion_lab.config import validate_config
-from diffusion_lab.metrics import format_count
-from diffusion_lab.metrics.digits import classifier_path
-from diffusion_lab.metrics.likelihood import bits_per_dim
-from diffusion_lab.module import (
-    DiffusionModule,
-    apply_scale_switches,
-    build_module,
-    set_num_classes,
-)
-from diffusion_lab.plots import run_loss_vs_logsnr
-from diffusion_lab.resume import ResumePlan, ResumeRecord, plan_resume
 from diffusion_lab.run_dir import clear_records, launched_as_rank_zero, probe_writable, run_lock
+from diffusion_lab.schema.registry import CONFIG_DIR, build_option, option_class
 from diffusion_lab.schema.run import NonFiniteAction
-from diffusion_lab.tracking import build_loggers, finish_run, run_info, write_summary
-from diffusion_lab.tracking.filing import SUMMARY_FILE
-from diffusion_lab.tracking.writers import METRICS_FILE
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from diffusion_lab.module import DiffusionModule
+    from diffusion_lab.resume import ResumePlan
+
+log = logging.getLogger(__name__)
 
 
 def build_trainer(
@@ -61,6 +48,17 @@ def build_trainer(
     """A ``lightning.Trainer`` from ``cfg.trainer`` + ``cfg.precision`` with checkpoints in the run dir
     (atomic writes, RNG states, the W&B run id ``wandb_id`` continued on resume; ``resume``: the resume's plan,
     whose history the CSV and W&B record and every checkpoint stores)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO, checkpoint_callbacks
+    from diffusion_lab.callbacks.exact_resume import ExactResume
+    from diffusion_lab.callbacks.nan_guard import NonFiniteGuard
+    from diffusion_lab.callbacks.progress import StepProgressBar, StepRichProgressBar
+    from diffusion_lab.resume import ResumePlan, ResumeRecord
+    from diffusion_lab.tracking.filing import run_info
+    from diffusion_lab.tracking.writers import build_loggers
+
     resume = resume or ResumePlan()
     cb = cfg.callbacks
     checkpoints = checkpoint_callbacks(
@@ -99,12 +97,11 @@ def build_metric(cfg: DictConfig, datamodule: Any) -> Any:
         return None
     log_prob = getattr(datamodule, "log_prob", None)
     extra = {"log_prob": log_prob} if log_prob is not None and "log_prob" in _init_args(cfg.metrics) else {}
-    return instantiate(cfg.metrics, **extra)
+    return build_option("metrics", cfg.metrics, extra=extra)
 
 
 def _init_args(node: DictConfig) -> set[str]:
-    target = hydra.utils.get_class(node._target_)
-    return set(inspect.signature(target).parameters)
+    return set(inspect.signature(option_class("metrics", node)).parameters)
 
 
 def _extractor_id(metric: Any) -> str | None:
@@ -115,6 +112,9 @@ def _extractor_id(metric: Any) -> str | None:
 
 def evaluate_bpd(cfg: DictConfig, module: DiffusionModule, datamodule: Any) -> dict[str, Any]:
     """Bits/dim of the EMA model on the first ``eval.bpd_examples`` validation examples (rank 0)."""
+    from diffusion_lab.metrics.base import format_count
+    from diffusion_lab.metrics.likelihood import bits_per_dim
+
     if cfg.eval.bpd_examples <= 0:
         return {}
     data = datamodule.val_tensor()[: cfg.eval.bpd_examples]
@@ -154,6 +154,8 @@ def train(cfg: DictConfig, run_dir: Path, validated: bool = False) -> dict[str, 
 def dirs_to_write(cfg: DictConfig, run_dir: Path) -> dict[str, Path]:
     """The directories the run will write, by what they are: the run dir, W&B's (when W&B is on) and the digits
     classifier cache (when the digits metric will train and cache its classifier)."""
+    from diffusion_lab.metrics.digits import classifier_path
+
     dirs = {"run directory": run_dir}
     wb = cfg.logger.wandb
     if wb is not None and str(getattr(wb.mode, "value", wb.mode)) != "disabled" and not cfg.trainer.fast_dev_run:
@@ -168,6 +170,9 @@ def dirs_to_write(cfg: DictConfig, run_dir: Path) -> dict[str, Path]:
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """Before any data or checkpoint is loaded: every directory of :func:`dirs_to_write` is writable
     (:func:`~diffusion_lab.run_dir.probe_writable`) and the previous record in ``run_dir`` is gone."""
+    from diffusion_lab.tracking.filing import SUMMARY_FILE
+    from diffusion_lab.tracking.writers import METRICS_FILE
+
     for what, directory in dirs_to_write(cfg, run_dir).items():
         probe_writable(directory, what)
     # A training run's record; a re-run into its directory (resume) removes it before training, so a kill midway
@@ -178,8 +183,20 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 def fit_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Build data, module and trainer, fit, evaluate and write the run's record into ``run_dir`` (held and prepared
     by :func:`train` on rank 0); returns the final metrics."""
+    import lightning as L
+    import torch
+
+    from diffusion_lab.callbacks.evaluation import SampleEvaluation
+    from diffusion_lab.callbacks.exact_resume import make_train_loader_resumable, resolve_resume, stored_wandb_run_id
+    from diffusion_lab.callbacks.phema import posthoc_ema_callbacks
+    from diffusion_lab.callbacks.sample_grid import SampleGrid
+    from diffusion_lab.module import apply_scale_switches, build_module, set_num_classes
+    from diffusion_lab.plots import run_loss_vs_logsnr
+    from diffusion_lab.resume import plan_resume
+    from diffusion_lab.tracking.writers import finish_run, write_summary
+
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.dataset)
+    datamodule = build_option("dataset", cfg.dataset)
     set_num_classes(cfg, datamodule.num_classes)  # cond.enabled=true: the network conditions on the labels
     module: DiffusionModule = build_module(cfg, datamodule.data_shape)
     apply_scale_switches(module, compile=cfg.compile, channels_last=cfg.channels_last)
@@ -191,7 +208,8 @@ def fit_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     grid = SampleGrid(run_dir, cfg.callbacks.sample_every_n_steps, cfg.callbacks.grid_samples, guidance_scale=w)
     ckpt_path = resolve_resume(cfg.ckpt_path, cfg.resume, run_dir)
     plan = plan_resume(ckpt_path, cfg)  # refuses a changed key the checkpoint's state would override
-    trainer = build_trainer(cfg, run_dir, [grid, evaluation], wandb_id=stored_wandb_run_id(ckpt_path), resume=plan)
+    callbacks = [grid, evaluation, *posthoc_ema_callbacks(cfg.ema.posthoc, run_dir)]  # ema=posthoc: its snapshots
+    trainer = build_trainer(cfg, run_dir, callbacks, wandb_id=stored_wandb_run_id(ckpt_path), resume=plan)
     make_train_loader_resumable(datamodule, trainer)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -229,7 +247,21 @@ def fit_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-if __name__ == "__main__":  # python -m diffusion_lab.train …: the same entry point as dlab-train
-    from diffusion_lab.cli import train_main
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """``dlab-train``: check the config (:func:`~diffusion_lab.cli.validate_train`), then train; returns the
+    ``optimize_metric`` value (for a Hydra sweeper)."""
+    validate_train(cfg)  # ranges and combinations before torch; the objective's and dataset's checks import it
+    from diffusion_lab.tracking.writers import objective
 
-    train_main()
+    route_lightning_logs()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    metrics = train(cfg, run_dir, validated=True)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "protocol"}, indent=2, sort_keys=True))
+        log.info("run directory: %s", run_dir)  # also in <run>/train.log, with Lightning's own messages
+    return objective(metrics, cfg.optimize_metric)
+
+
+if __name__ == "__main__":  # python -m diffusion_lab.train …: the same entry point as dlab-train
+    main()

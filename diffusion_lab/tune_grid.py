@@ -17,32 +17,28 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from hydra.utils import instantiate
+import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_lab.cli import validate_tune_grid
 from diffusion_lab.config import check_sampler
-from diffusion_lab.module import DiffusionModule, load_checkpoint, load_module
 from diffusion_lab.run_dir import probe_writable, run_lock
-from diffusion_lab.sample import sampler_config
-from diffusion_lab.samplers import RK45Sampler, Sampler
-from diffusion_lab.samplers.base import TUNED_GRID, IndexedGenerator
-from diffusion_lab.samplers.tuning import (
-    FitOptions,
-    GridFit,
-    file_sha256,
-    fit_grid,
-    grid_dir,
-    grid_file,
-    sampler_identity,
-    save_grid_record,
-)
+from diffusion_lab.schema.domains import SEED_STRIDE
 from diffusion_lab.schema.errors import ConfigError
+from diffusion_lab.schema.jobs import FitOptions
+from diffusion_lab.schema.registry import CONFIG_DIR, build_option
 
-# Example i of the fit draws is seeded seed·1_000_003 + i (as DiffusionModule.generate); held-out ones follow on.
-SEED_STRIDE = 1_000_003
+if TYPE_CHECKING:
+    import torch
+
+    from diffusion_lab.module import DiffusionModule
+    from diffusion_lab.samplers.base import Sampler
+    from diffusion_lab.samplers.tuning import GridFit
+
+# Example i of the fit draws is seeded seed·SEED_STRIDE + i (as DiffusionModule.generate); held-out ones follow on.
 
 
 def fit_options(cfg: DictConfig) -> FitOptions:
@@ -56,12 +52,13 @@ def fit_options(cfg: DictConfig) -> FitOptions:
 def build_tunable_sampler(cfg: DictConfig, module: DiffusionModule, overrides: list[str]) -> tuple[Sampler, dict]:
     """The sampler to tune (``cfg.sampler``, or the run's) and its settings as a plain dict; refuses an adaptive
     solver and ``grid=tuned`` (the fit starts from a named grid)."""
+    from diffusion_lab.checkpoint_jobs import sampler_config
+    from diffusion_lab.samplers.grids import TUNED_GRID
+    from diffusion_lab.samplers.ode import RK45Sampler
+
     node = sampler_config(cfg, module, overrides)
     settings: dict[str, Any] = OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[assignment]
-    try:
-        sampler = instantiate(node)
-    except Exception as err:  # hydra wraps the constructor's ValueError
-        raise ConfigError(f"sampler: {err.__cause__ or err}") from err
+    sampler = build_option("sampler", node)
     if isinstance(sampler, RK45Sampler):
         raise ConfigError("sampler=rk45 chooses its own steps (adaptive); tune a fixed-step sampler, e.g. dpm_solver")
     if sampler.grid == TUNED_GRID:
@@ -73,14 +70,21 @@ def build_tunable_sampler(cfg: DictConfig, module: DiffusionModule, overrides: l
 def draws(module: DiffusionModule, sampler: Sampler, indices: range, seed: int) -> tuple[torch.Tensor, Any]:
     """Prior noise ``(len(indices), *data_shape)`` at the sampler's first grid point, example ``i`` seeded by
     ``(seed, i)``, and its labels (cycled over the classes of a conditional model; None otherwise)."""
+    from diffusion_lab.samplers.base import IndexedGenerator
+
     gen = IndexedGenerator([seed * SEED_STRIDE + i for i in indices], device=module.device)
-    x_T = sampler.prior((len(indices), *module.data_shape), module.denoiser.schedule, gen, module.device)
+    x_T = sampler.prior((len(indices), *module.data_shape), module.denoiser.schedule, gen, module.device, module.prior)
     return x_T, module.sample_labels(indices)
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Fit the grid for ``cfg.ckpt_path`` and ``cfg.sampler``; write and return its record (with ``path``)."""
+    """Fit the grid for ``cfg.ckpt_path`` and ``cfg.sampler``; write and return its record (with ``path``). The config
+    is checked first (:func:`~diffusion_lab.cli.validate_tune_grid`), before torch is imported or the checkpoint read.
+    """
+    validate_tune_grid(cfg)
     options = fit_options(cfg)
+    from diffusion_lab.samplers.tuning import grid_dir
+
     # One fit at a time per checkpoint's grid folder; it must be writable before the checkpoint is loaded.
     with run_lock(grid_dir(cfg.ckpt_path), "dlab-tune-grid", what="grid directory"):
         probe_writable(grid_dir(cfg.ckpt_path), "grid directory")
@@ -89,6 +93,11 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
 
 def fit_and_save(cfg: DictConfig, options: FitOptions, overrides: list[str] | None = None) -> dict[str, Any]:
     """Load the checkpoint, fit the grid and write its record (atomically); returns the record (with ``path``)."""
+    import torch
+
+    from diffusion_lab.checkpoint_loading import load_module
+    from diffusion_lab.samplers.tuning import fit_grid, grid_file, save_grid_record
+
     module = load_module(cfg.ckpt_path, map_location=cfg.device)
     sampler, settings = build_tunable_sampler(cfg, module, overrides or [])
     denoiser = module.ema_denoiser() if cfg.use_ema else module.denoiser
@@ -108,6 +117,9 @@ def grid_record(
     cfg: DictConfig, module: DiffusionModule, sampler: Sampler, settings: dict, options: FitOptions, fit: GridFit
 ) -> dict[str, Any]:
     """The grid and its protocol, as written to the grid file."""
+    from diffusion_lab.checkpoint_loading import load_checkpoint
+    from diffusion_lab.samplers.tuning import file_sha256, sampler_identity
+
     step = load_checkpoint(cfg.ckpt_path, mmap=True).get("global_step")
     labels = None if module.num_classes is None else f"cycled over 0..{module.num_classes - 1}, unguided"
     return {
@@ -173,7 +185,12 @@ def describe(record: dict[str, Any]) -> str:
     )
 
 
-if __name__ == "__main__":  # python -m diffusion_lab.tune_grid …: the same entry point as dlab-tune-grid
-    from diffusion_lab.cli import tune_grid_main
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="tune_grid")
+def main(cfg: DictConfig) -> None:
+    """``dlab-tune-grid``: fit the sampler's grid to the checkpoint; write it to ``<ckpt dir>/grids/`` (:func:`run`
+    checks the config before torch is imported)."""
+    print(describe(run(cfg, list(HydraConfig.get().overrides.task))))
 
-    tune_grid_main()
+
+if __name__ == "__main__":  # python -m diffusion_lab.tune_grid …: the same entry point as dlab-tune-grid
+    main()

@@ -9,12 +9,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from diffusion_lab.callbacks import guidance_suffix
+from diffusion_lab.checkpoint_loading import load_checkpoint, load_module
 from diffusion_lab.config import register_configs, validate_config
-from diffusion_lab.module import build_module, load_checkpoint, load_module, set_num_classes
+from diffusion_lab.module import build_module, set_num_classes
 from diffusion_lab.sample import check_sampling_request, describe, run
 from diffusion_lab.samplers import DDIMSampler
 from diffusion_lab.schema.errors import ConfigError
-from diffusion_lab.train import CONFIG_DIR, train
+from diffusion_lab.schema.registry import CONFIG_DIR
+from diffusion_lab.train import train
 from tests.test_train import TINY_DIGITS
 
 register_configs()
@@ -35,7 +37,7 @@ def compose_cfg(config_name, overrides):
         (["cond.p_uncond=-0.1"], "cond.p_uncond=-0.1 is out of range; valid: a probability in [0, 1]"),
         (["eval.guidance_scale=3"], "eval.guidance_scale=3.0 needs a class-conditional model"),
         (["experiment=toy2d", "eval.guidance_scale=1"], "valid value is eval.guidance_scale=null"),
-        (["experiment=digits_cfg", "eval.guidance_scale=-1"], "valid values: null (no guidance) or a number >= 0"),
+        (["experiment=digits_cfg", "eval.guidance_scale=-1"], "eval.guidance_scale=-1.0 is out of range; valid: null"),
         (["experiment=digits_cfg", "cond.p_uncond=0"], "cond.p_uncond=0 never trained the null label"),
         (["model.num_classes=10"], "model.num_classes=10 without cond.enabled=true"),
         (["cond.enabled=true", "model.num_classes=7"], "model.num_classes=7 but the dataset has 10 classes"),
@@ -211,7 +213,7 @@ def test_sample_cli_with_guidance_and_labels(cond_run, tmp_path):
     ("overrides", "needle"),
     [
         (["class_labels=[12]"], "valid labels are 0..9"),
-        (["guidance_scale=-2"], "guidance_scale=-2.0 is invalid"),
+        (["guidance_scale=-2"], "guidance_scale=-2.0 is out of range; valid: null"),
     ],
 )
 def test_sample_refuses_bad_requests_for_a_conditional_checkpoint(cond_run, tmp_path, overrides, needle):

@@ -47,12 +47,18 @@ DATASETS_WITHOUT_DIGITS_METRIC = [
     "shapes",
 ]
 
+RGB_DATASETS = ["celeba", "cifar10", "image_folder", "imagenet32", "imagenet64", "shapes"]
+
 # Options that only make sense together: a toy-2D option is composed inside the toy2d experiment.
 CONTEXT = {
     ("dataset", "toy2d"): ["experiment=toy2d"],
     ("metrics", "toy2d"): ["experiment=toy2d"],
     ("model", "mlp"): ["experiment=toy2d"],
     **{("dataset", name): ["metrics=none"] for name in DATASETS_WITHOUT_DIGITS_METRIC},
+    # An RGB dataset needs a 3-channel network; a 3-channel network, 3-channel data (the default is 1-channel digits).
+    **{("dataset", name): ["metrics=none", "model.in_channels=3"] for name in RGB_DATASETS},
+    **{("model", name): ["dataset=shapes", "metrics=none"] for name in ("unet", "dit", "dit_s", "dit_l", "dit_xl")},
+    ("model", "res_mlp"): ["experiment=toy2d"],
     ("schedule", "rectified_flow"): ["parameterization=flow"],
     ("schedule", "learned"): ["weighting=elbo"],
 }

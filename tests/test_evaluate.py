@@ -42,7 +42,7 @@ from hydra.utils import instantiate
 from diffusion_lab.callbacks.evaluation import SampleEvaluation, generate_in_batches
 from diffusion_lab.config import register_configs
 from diffusion_lab.module import build_module
-from diffusion_lab.train import CONFIG_DIR
+from diffusion_lab.schema.registry import CONFIG_DIR
 
 OUT, N = Path(sys.argv[1]), int(sys.argv[2])
 
@@ -106,7 +106,7 @@ def _compose(name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from diffusion_lab.config import register_configs
-    from diffusion_lab.train import CONFIG_DIR
+    from diffusion_lab.schema.registry import CONFIG_DIR
 
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -196,25 +196,27 @@ def test_evaluate_fid_and_fd_digits_on_a_digits_checkpoint(digits_ckpt, inceptio
 
 def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make sampling and the likelihood evaluation fail loudly if reached (a refusal must come first)."""
+    import diffusion_lab.callbacks.evaluation as evaluation
     import diffusion_lab.evaluate as evaluate
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the request was refused")
 
-    monkeypatch.setattr(evaluate, "generate_in_batches", forbidden)
+    monkeypatch.setattr(evaluation, "generate_in_batches", forbidden)
     monkeypatch.setitem(evaluate.EVALUATORS, "bpd", forbidden)
 
 
-@pytest.mark.parametrize("num_samples", [0, -3])
-def test_evaluate_refuses_num_samples_below_one_before_loading(
+@pytest.mark.parametrize("num_samples", [1, 0, -3])
+def test_evaluate_refuses_num_samples_below_two_before_loading(
     num_samples: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import diffusion_lab.checkpoint_loading as checkpoint_loading
     import diffusion_lab.evaluate as evaluate
     from diffusion_lab.schema.errors import ConfigError
 
-    monkeypatch.setattr(evaluate, "load_module", lambda *a, **k: pytest.fail("checkpoint loaded"))
+    monkeypatch.setattr(checkpoint_loading, "load_module", lambda *a, **k: pytest.fail("checkpoint loaded"))
     cfg = _compose("evaluate", ["ckpt_path=missing.ckpt", "scores=[fd_digits]", f"num_samples={num_samples}"])
-    with pytest.raises(ConfigError, match=rf"num_samples={num_samples}: .*\['fd_digits'\] need num_samples >= 1"):
+    with pytest.raises(ConfigError, match=rf"^num_samples={num_samples} is out of range; valid: an integer >= 2"):
         evaluate.run(cfg, tmp_path)
 
 
@@ -222,12 +224,13 @@ def test_evaluate_refuses_num_samples_below_one_before_loading(
 def test_sample_refuses_num_samples_below_one_before_loading(
     num_samples: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import diffusion_lab.checkpoint_loading as checkpoint_loading
     import diffusion_lab.sample as sample
     from diffusion_lab.schema.errors import ConfigError
 
-    monkeypatch.setattr(sample, "load_module", lambda *a, **k: pytest.fail("checkpoint loaded"))
+    monkeypatch.setattr(checkpoint_loading, "load_module", lambda *a, **k: pytest.fail("checkpoint loaded"))
     cfg = _compose("sample", ["ckpt_path=missing.ckpt", f"num_samples={num_samples}"])
-    with pytest.raises(ConfigError, match=rf"num_samples={num_samples}: must be an integer >= 1"):
+    with pytest.raises(ConfigError, match=rf"^num_samples={num_samples} is out of range; valid: an integer >= 1"):
         sample.run(cfg, tmp_path)
     assert not (tmp_path / "samples.npz").exists()
 
@@ -249,7 +252,7 @@ def test_evaluate_refuses_a_score_that_does_not_fit_the_data(
 
     _no_work(monkeypatch)
     path = request.getfixturevalue(ckpt)
-    cfg = _compose("evaluate", [f"ckpt_path={path}", f"scores=[bpd,{score}]", "num_samples=4"])
+    cfg = _compose("evaluate", [f"ckpt_path={path}", f"scores=[bpd,{score}]", "num_samples=10"])
     with pytest.raises(
         ConfigError, match=rf"scores=\['{score}'\] cannot score .*valid choices for this checkpoint"
     ) as info:

@@ -60,6 +60,28 @@ ADAM_BETAS = Domain(
 )
 FINITE_POSITIVE = Domain(lambda v: 0 < v < float("inf"), "a finite number > 0", "finite and positive")
 FINITE_NON_NEGATIVE = Domain(lambda v: 0 <= v < float("inf"), "a finite number >= 0", "finite and non-negative")
+GUIDANCE_SCALE = FINITE_NON_NEGATIVE.or_null("no guidance").where("0: unconditional, 1: conditional, > 1: guided")
+# A Fréchet distance needs a sample covariance and the unbiased MMD / KID pairs of distinct samples: N >= 2.
+SAMPLE_COUNT = Domain(lambda v: v >= 2, "an integer >= 2 (a Fréchet distance or an MMD needs two samples)")
+# Lightning's seed_everything takes a uint32 (numpy's global seed).
+RUN_SEED = Domain(lambda v: 0 <= v < 2**32, f"an integer in [0, {2**32 - 1}]")
+# Example i of a job is seeded seed·SEED_STRIDE + i (EDM's per-index seeding) and torch.Generator.manual_seed takes
+# at most 2**64 − 1, so seed·SEED_STRIDE + SEED_STRIDE − 1 must stay below 2**64.
+SEED_STRIDE = 1_000_003
+MAX_JOB_SEED = 2**64 // SEED_STRIDE - 1
+JOB_SEED = Domain(
+    lambda v: 0 <= v <= MAX_JOB_SEED,
+    f"an integer in [0, {MAX_JOB_SEED}] (example i is seeded seed·{SEED_STRIDE} + i, which torch.Generator takes "
+    "below 2**64)",
+)
+# A torch device the job can run on: checked for existence (a GPU is there) before any loading, cli.check_device.
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+DEVICES = ("cpu", "cuda", "cuda:N", "mps")
+DEVICE = Domain(lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None, f"one of {list(DEVICES)}")
+CLASS_LABELS = Domain(
+    lambda v: len(v) >= 1 and all(c >= 0 for c in v),
+    "null (every class) or a non-empty list of labels 0..num_classes − 1",
+)
 
 # A run's name is one folder under the output root (hydra.run.dir outputs/${name}/…, multirun/${name}/…): a word
 # character first, then word characters, '.', '+', '-'; no '/' (no subfolders), so it never names '..', '/abs'.

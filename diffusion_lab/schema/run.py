@@ -6,6 +6,7 @@ classes (:mod:`diffusion_lab.schema.signature`); the fields here are plain setti
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Annotated, Any
@@ -14,13 +15,16 @@ from omegaconf import MISSING
 
 from diffusion_lab.schema.domains import (
     ADAM_BETAS,
+    FINITE_NON_NEGATIVE,
+    FINITE_POSITIVE,
+    GUIDANCE_SCALE,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     OPEN_UNIT,
-    POSITIVE,
     POSITIVE_INT,
     PROBABILITY,
     RUN_NAME,
+    RUN_SEED,
     Domain,
 )
 
@@ -32,7 +36,7 @@ class LossConfig:
     # Nichol & Dhariwal 2021 §3.1: the network also outputs v of Σ = exp(v log β + (1−v) log β̃).
     learned_variance: bool = False
     # λ of L_hybrid = L_simple + λ·L_vlb (Nichol & Dhariwal 2021 eq. 16).
-    vlb_weight: Annotated[float, NON_NEGATIVE] = 0.001
+    vlb_weight: Annotated[float, FINITE_NON_NEGATIVE] = 0.001
 
 
 class WandbMode(str, Enum):
@@ -91,17 +95,41 @@ class TrainerConfig:
 class OptimConfig:
     """AdamW with a linear warm-up to a constant learning rate (Ho et al. 2020 use Adam, warm-up 5000)."""
 
-    lr: Annotated[float, POSITIVE] = 2e-4
+    lr: Annotated[float, FINITE_POSITIVE] = 2e-4
     betas: Annotated[list[float], ADAM_BETAS] = field(default_factory=lambda: [0.9, 0.999])
-    eps: Annotated[float, POSITIVE] = 1e-8
-    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
+    eps: Annotated[float, FINITE_POSITIVE] = 1e-8
+    weight_decay: Annotated[float, FINITE_NON_NEGATIVE] = 0.0
     warmup_steps: Annotated[int, NON_NEGATIVE_INT] = 100
+
+
+# Karras et al. 2024 eq. 123: σ_rel → 1/√12 as the power profile's exponent γ → 0⁺ (a uniform average).
+MAX_SIGMA_REL = 1.0 / math.sqrt(12.0)
+SIGMA_REL = Domain(lambda v: 0 < v < MAX_SIGMA_REL, f"a number in (0, 1/√12 ≈ {MAX_SIGMA_REL:.4f})")
+SIGMA_RELS = Domain(
+    lambda v: len(set(v)) == len(v) and all(SIGMA_REL.test(s) for s in v),
+    f"[] (off) or a list of distinct numbers in (0, 1/√12 ≈ {MAX_SIGMA_REL:.4f})",
+)
+
+
+@dataclass
+class PostHocEMAConfig:
+    """Post-hoc EMA, off while ``sigma_rels`` is empty: ``ema=posthoc`` (or ``ema.posthoc.sigma_rels=[…]``) tracks
+    power-function EMAs of the weights at each ``sigma_rels`` (Karras et al. 2024 §3), time counted in training
+    images, written as fp16 snapshots every ``snapshot_every`` images to ``<run>/phema/snapshots/``; ``dlab-phema``
+    reconstructs any other σ_rel from them. ``sigma_rel`` is set only in the checkpoints dlab-phema
+    writes (the σ_rel their EMA weights were reconstructed at); a training run leaves it null."""
+
+    sigma_rels: Annotated[list[float], SIGMA_RELS] = field(default_factory=list)
+    snapshot_every: Annotated[int, POSITIVE_INT] = 16384
+    sigma_rel: Annotated[float | None, SIGMA_REL.or_null("a training run")] = None
 
 
 @dataclass
 class EMAConfig:
     decay: Annotated[float, OPEN_UNIT] = 0.999
     start_step: Annotated[int, NON_NEGATIVE_INT] = 0
+    # Off by default (only the EMA above); ema=posthoc also tracks power-function EMAs.
+    posthoc: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)
 
 
 class CheckpointMode(str, Enum):
@@ -136,7 +164,11 @@ class CallbacksConfig:
 class EvalConfig:
     """Sample-quality evaluation at the end of training (and every ``every_n_steps`` if > 0)."""
 
-    num_samples: Annotated[int, NON_NEGATIVE_INT] = 1000
+    # A Fréchet distance needs a sample covariance, the unbiased MMD / KID pairs of distinct samples (and the
+    # Inception Score isc_splits non-empty parts: config.check_eval_samples).
+    num_samples: Annotated[int, Domain(lambda v: v == 0 or v >= 2, "0 (no sample evaluation) or an integer >= 2")] = (
+        1000
+    )
     batch_size: Annotated[int, POSITIVE_INT] = 500
     every_n_steps: Annotated[int, NON_NEGATIVE_INT.where("0: only at the end")] = 0
     # Bits/dim of the EMA model on this many validation examples (0 turns it off): the discrete VLB
@@ -145,7 +177,7 @@ class EvalConfig:
     # Diffusion terms per example: an unbiased estimate over this many sampled t (None: all T terms).
     bpd_num_t_samples: Annotated[int | None, POSITIVE_INT.or_null("all T terms")] = 50
     # Classifier-free guidance scale w of the evaluation samples and grids (null: none; needs cond.enabled=true).
-    guidance_scale: float | None = None
+    guidance_scale: Annotated[float | None, GUIDANCE_SCALE] = None
 
 
 @dataclass
@@ -171,6 +203,9 @@ class TrainConfig:
     sampler: Any = MISSING
     model: Any = MISSING
     metrics: Any = MISSING
+    # The source of a flow and the data–source coupling; a checkpoint written before they existed gets these.
+    prior: Any = field(default_factory=lambda: {"_target_": "diffusion_lab.diffusion.priors.GaussianPrior"})
+    coupling: Any = field(default_factory=lambda: {"_target_": "diffusion_lab.diffusion.couplings.IndependentCoupling"})
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
@@ -180,7 +215,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     cond: ConditioningConfig = field(default_factory=ConditioningConfig)
     precision: str = "32"
-    seed: int = 0
+    seed: Annotated[int, RUN_SEED] = 0  # Lightning's seed_everything takes a uint32
     name: Annotated[str, RUN_NAME] = "default"  # the run's folder: outputs/<name>/<time>
     ckpt_path: str | None = None
     # Resume from <run dir>/checkpoints/last.ckpt when it exists (same command, same hydra.run.dir).
