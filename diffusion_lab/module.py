@@ -32,7 +32,7 @@ from diffusion_lab.diffusion import (
     TimeSampler,
     Weighting,
 )
-from diffusion_lab.diffusion.guidance import GuidedDenoiser, drop_labels
+from diffusion_lab.diffusion.guidance import Guidance, GuidedDenoiser, drop_labels
 from diffusion_lab.samplers import SampleOutput, Sampler
 from diffusion_lab.samplers.base import IndexedGenerator
 from diffusion_lab.schema.registry import build_option
@@ -54,16 +54,26 @@ class Generation(SampleOutput):
 
     y: Tensor | None = None
     guidance_scale: float | None = None
+    # ``"cfg"`` (classifier-free) or ``"auto"`` (autoguidance) when guided; the σ/α interval it was limited to, and
+    # then how many of the nfe calls per sample were guided (None: all of them).
+    guidance: str | None = None
+    guidance_interval: tuple[float, float] | None = None
+    guided_calls: float | None = None
 
     @property
     def guided(self) -> bool:
-        """Whether classifier-free guidance was applied."""
+        """Whether guidance (classifier-free or autoguidance) was applied."""
         return self.guidance_scale is not None
 
     @property
-    def network_evals(self) -> int:
-        """Network evaluations per sample: ``nfe`` times 2 under guidance (conditional + unconditional)."""
-        return self.nfe * (GuidedDenoiser.network_evals_per_call if self.guided else 1)
+    def network_evals(self) -> int | float:
+        """Network evaluations per sample: 1 per unguided call, 2 per guided one (conditional + unconditional, or
+        main + guide); every call is guided unless a guidance interval limited it (:attr:`guided_calls`)."""
+        if not self.guided:
+            return self.nfe
+        extra = GuidedDenoiser.network_evals_per_call - 1
+        evals = self.nfe + extra * (self.nfe if self.guided_calls is None else self.guided_calls)
+        return int(evals) if float(evals).is_integer() else evals
 
 
 def log_snr_bucket_names(edges: Sequence[float] = LOG_SNR_EDGES) -> list[str]:
@@ -228,20 +238,24 @@ class DiffusionModule(L.LightningModule):
         *,
         class_labels: Sequence[int] | None = None,
         guidance_scale: float | None = None,
+        guidance: Guidance | None = None,
     ) -> Generation:
         """Sample one example per index; example ``i`` depends only on ``(seed, i)`` (EDM's pattern).
 
         A class-conditional model samples example ``i`` from label ``class_labels[i % len(class_labels)]``
         (default ``0, 1, …, num_classes − 1``: every class equally often; label ``num_classes`` is the null
         label, i.e. the unconditional model). ``guidance_scale`` w wraps the denoiser in a
-        :class:`GuidedDenoiser` (classifier-free guidance), which works with every sampler.
+        :class:`GuidedDenoiser` (classifier-free guidance), which works with every sampler; ``guidance`` (which
+        overrides it) may also name a guide model (autoguidance) and a σ/α interval.
 
         Returns samples ``(len(indices), *data_shape)``, their labels, NFE and guidance (:class:`Generation`).
         """
         sampler = sampler or self.sampler
         base = self.ema_denoiser() if use_ema else self.denoiser
         y = self.sample_labels(indices, class_labels)
-        denoiser = base if guidance_scale is None else GuidedDenoiser(base, guidance_scale, self.num_classes)
+        if guidance is None and guidance_scale is not None:
+            guidance = Guidance(guidance_scale)
+        denoiser = base if guidance is None else guidance.wrap(base, self.num_classes)
         was_training = base.training
         base.eval()
         denoiser.eval()
@@ -249,7 +263,12 @@ class DiffusionModule(L.LightningModule):
         x_T = sampler.prior((len(indices), *self.data_shape), denoiser.schedule, gen, self.device)
         out = sampler.sample(denoiser, x_T, y=y, generator=gen, progress=progress)
         base.train(was_training)
-        return Generation(out.x0, out.nfe, y=y, guidance_scale=guidance_scale)
+        if guidance is None:
+            return Generation(out.x0, out.nfe, y=y)
+        return Generation(
+            out.x0, out.nfe, y=y, guidance_scale=guidance.scale, guidance=guidance.kind,
+            guidance_interval=guidance.interval, guided_calls=getattr(denoiser, "guided_calls", None),
+        )  # fmt: skip
 
     def sample_labels(self, indices: Sequence[int], class_labels: Sequence[int] | None = None) -> Tensor | None:
         """Labels ``(len(indices),)`` long for sample indices, cycling over ``class_labels`` (default all classes).

@@ -135,14 +135,16 @@ def check_sampling_request(cfg: DictConfig, num_classes: int | None, p_uncond: f
 def describe(summary: dict[str, Any]) -> str:
     """The one-line printout: NFE (denoiser calls per sample), guidance, samples/s."""
     nfe, evals = summary["nfe"], summary["network_evals_per_sample"]
-    if summary["guided"]:
-        kind = "CFG" if summary.get("guidance", "cfg") == "cfg" else "autoguidance"
-        interval, guided = summary.get("guidance_interval"), summary.get("guided_calls_per_sample", nfe)
-        where = f" in σ/α ∈ ({interval[0]:g}, {interval[1]:g}]" if interval else ""
+    kind = "CFG" if summary.get("guidance") == "cfg" else "autoguidance"
+    interval = summary.get("guidance_interval")
+    if summary["guided"] and interval:
         cost = (
-            f"guided, {kind} w={summary['guidance_scale']:g}: {guided:g} of {nfe} calls guided{where}, "
-            f"{evals:g} network evaluations per sample (2 per guided call, 1 otherwise)"
+            f"guided, {kind} w={summary['guidance_scale']:g} in σ/α ∈ ({interval[0]:g}, {interval[1]:g}]: "
+            f"{summary['guided_calls_per_sample']:g} of {nfe} calls guided, {evals:g} network evaluations per sample "
+            "(2 per guided call, 1 otherwise)"
         )
+    elif summary["guided"]:
+        cost = f"guided, {kind} w={summary['guidance_scale']:g}: {evals} network evaluations per sample, 2 per call"
     else:
         cost = "unguided"
     labels = f", labels {summary['labels']}" if summary["labels"] else ""

@@ -148,6 +148,9 @@ def test_conditional_run_logs_guided_metrics_with_nfe(cond_run):
         "network_evals_per_sample": 4,
         "guided": True,
         "guidance_scale": 2.0,
+        "guidance": "cfg",
+        "guidance_interval": None,
+        "guided_calls_per_sample": 2,
         "labels": "cycled over 0..9",
         "ranks": 1,
     }

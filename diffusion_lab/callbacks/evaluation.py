@@ -11,6 +11,7 @@ the single-process one (sample ``i`` depends only on ``(seed, i)``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_lab.callbacks.sample_grid import periodic_step_due
+from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.metrics import metric_key
 from diffusion_lab.module import DiffusionModule, Generation
 from diffusion_lab.samplers import Sampler
@@ -37,25 +39,26 @@ def generate_indices(
     progress: bool = False,
     class_labels: Sequence[int] | None = None,
     guidance_scale: float | None = None,
+    guidance: Guidance | None = None,
 ) -> Generation:
     """The index-seeded samples ``indices`` (in that order, on CPU), ``batch_size`` at a time.
 
     Sample ``i`` depends only on ``(seed, i)`` (:meth:`DiffusionModule.generate`), so any partition of the
     indices over batches or ranks yields the same set.
     """
-    chunks, labels, nfe = [], [], 0
+    chunks, labels, last = [], [], Generation(torch.empty(0), 0, guidance_scale=guidance_scale)
     for lo in tqdm(range(0, len(indices), batch_size), desc="sampling", disable=not progress):
         idx = indices[lo : lo + batch_size]
-        out = module.generate(
-            idx, seed, sampler, use_ema, progress, class_labels=class_labels, guidance_scale=guidance_scale
-        )
-        chunks.append(out.x0.cpu())
-        if out.y is not None:
-            labels.append(out.y.cpu())
-        nfe = out.nfe
+        last = module.generate(
+            idx, seed, sampler, use_ema, progress, class_labels=class_labels, guidance_scale=guidance_scale,
+            guidance=guidance,
+        )  # fmt: skip
+        chunks.append(last.x0.cpu())
+        if last.y is not None:
+            labels.append(last.y.cpu())
     x0 = torch.cat(chunks) if chunks else torch.empty(0, *module.data_shape)
     y = torch.cat(labels) if labels else None
-    return Generation(x0, nfe, y=y, guidance_scale=guidance_scale)
+    return dataclasses.replace(last, x0=x0, y=y)  # the protocol (NFE, guidance) of every batch
 
 
 def generate_in_batches(
@@ -68,15 +71,17 @@ def generate_in_batches(
     progress: bool = False,
     class_labels: Sequence[int] | None = None,
     guidance_scale: float | None = None,
+    guidance: Guidance | None = None,
 ) -> tuple[Generation, float]:
     """``num_samples`` index-seeded samples (with labels, NFE and guidance) and the sampling rate (samples/s).
 
-    ``class_labels`` and ``guidance_scale`` are passed to :meth:`DiffusionModule.generate`.
+    ``class_labels``, ``guidance_scale`` and ``guidance`` are passed to :meth:`DiffusionModule.generate`.
     """
     start = time.perf_counter()
     out = generate_indices(
-        module, range(num_samples), batch_size, seed, sampler, use_ema, progress, class_labels, guidance_scale
-    )
+        module, range(num_samples), batch_size, seed, sampler, use_ema, progress, class_labels, guidance_scale,
+        guidance,
+    )  # fmt: skip
     return out, samples_per_second(num_samples, start)
 
 
@@ -137,6 +142,16 @@ def guidance_suffix(guidance_scale: float | None) -> str:
     return "" if guidance_scale is None else f"_cfg{guidance_scale:g}"
 
 
+def generation_suffix(out: Generation) -> str:
+    """Metric-key suffix of how ``out`` was guided: :func:`guidance_suffix` (``"_cfg3"``), ``"_auto3"`` under
+    autoguidance, then ``"_in0.3-5"`` when limited to σ/α in (0.3, 5]."""
+    if out.guidance_scale is None:
+        return ""
+    kind = "_auto" if out.guidance == "auto" else "_cfg"
+    interval = "" if out.guidance_interval is None else "_in{:g}-{:g}".format(*out.guidance_interval)
+    return f"{kind}{out.guidance_scale:g}{interval}"
+
+
 def sampling_protocol(out: Generation, num_classes: int | None) -> dict[str, Any]:
     """The sampling half of a quality number's protocol: NFE, network evaluations, guidance and labels."""
     return {
@@ -144,6 +159,9 @@ def sampling_protocol(out: Generation, num_classes: int | None) -> dict[str, Any
         "network_evals_per_sample": out.network_evals,
         "guided": out.guided,
         "guidance_scale": out.guidance_scale,
+        "guidance": out.guidance,  # cfg | auto | None
+        "guidance_interval": None if out.guidance_interval is None else list(out.guidance_interval),
+        "guided_calls_per_sample": out.nfe if out.guided and out.guided_calls is None else out.guided_calls,
         "labels": None if num_classes is None else f"cycled over 0..{num_classes - 1}",
     }
 
