@@ -181,6 +181,18 @@ def check_evaluate_request(cfg: DictConfig) -> None:
         raise ConfigError(f"ref_stats_only=true needs fid in scores, got scores={list(cfg.scores)}")
     if "fid" in cfg.scores and not cfg.ref_stats_only:
         check_isc_splits("num_samples", cfg.num_samples, cfg.metrics)
+    check_prdc_scores(list(cfg.scores), "fid" if "fid" in cfg.scores else None)
+
+
+def check_prdc_scores(scores: list[str], feature_score: str | None) -> None:
+    """Density and coverage are computed in the digits CNN's features (fd_digits) or the coordinates (toy2d); in
+    Inception features (``feature_score`` fid) only torch-fidelity's precision and recall are available."""
+    missing = [s for s in scores if s in ("density", "coverage")]
+    if feature_score == "fid" and missing:
+        raise ConfigError(
+            f"scores={scores}: {missing} are not computed in Inception features (fid gives precision and recall "
+            "through torch-fidelity); valid: precision, recall with fid, or all four with fd_digits or toy2d"
+        )
 
 
 def _instantiate_axis(cfg: DictConfig, group: str) -> Any:

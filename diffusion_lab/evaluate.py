@@ -37,10 +37,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.atomic import atomic_write_json
 from diffusion_lab.cli import output_dir, validate_evaluate
-from diffusion_lab.config import DIGITS_METRIC_RESIZE, check_guidance
+from diffusion_lab.config import DIGITS_METRIC_RESIZE, check_guidance, check_prdc_scores
 from diffusion_lab.run_dir import prepare_output_dir, run_lock
 from diffusion_lab.schema.errors import ConfigError
-from diffusion_lab.schema.jobs import SAMPLE_SCORES, SPLITS, HutchinsonProbe, LikelihoodMethod
+from diffusion_lab.schema.jobs import PRDC_SCORES, SAMPLE_SCORES, SPLITS, HutchinsonProbe, LikelihoodMethod
 from diffusion_lab.schema.registry import CONFIG_DIR, build_option, option_class, option_config
 from diffusion_lab.schema.sources import LIKELIHOOD_REASON
 
@@ -124,6 +124,9 @@ def sample_metric(cfg: DictConfig, module: DiffusionModule, score: str, datamodu
         resize = OmegaConf.create(module.config)["dataset"].get("resize")
         if option == "digits_fd" and resize is not None:
             node.resize = DIGITS_METRIC_RESIZE[str(resize)]
+    if any(s in PRDC_SCORES for s in cfg.scores):  # on in the one feature space they are reported in
+        on = score == sample_scores_of(list(cfg.scores), module.data_shape)[0]
+        node = OmegaConf.merge(node, {"prc" if option == "fid" else "prdc": on})
     log_prob = getattr(datamodule, "log_prob", None)
     takes_log_prob = "log_prob" in inspect.signature(option_class("metrics", node)).parameters
     extra = {"log_prob": log_prob} if log_prob is not None and takes_log_prob else {}
@@ -180,22 +183,29 @@ def check_score_data(scores: list[str], data_shape: tuple[int, ...]) -> None:
         )
 
 
+def sample_scores_of(scores: list[str], data_shape: tuple[int, ...]) -> list[str]:
+    """The sample scores to compute for ``scores``: those requested; when only precision / recall / density /
+    coverage are, the one whose features they use for this data (2-D points: toy2d; one channel: fd_digits; else fid).
+    With several, precision … coverage are computed in the features of the first."""
+    requested = [s for s in scores if s in SAMPLE_SCORES]
+    if requested or not any(s in PRDC_SCORES for s in scores):
+        return requested
+    shape = tuple(data_shape)
+    return ["toy2d" if shape == (2,) else "fd_digits" if shape[:1] == (1,) else "fid"]
+
+
 def plan_samples(cfg: DictConfig, module: DiffusionModule, scores: list[str], overrides: list[str]) -> SamplePlan:
     """Build and check the metrics and sampler of the sample ``scores`` (data shape, Inception weights, guidance,
     sampler vs schedule): an impossible request fails here, before any likelihood evaluation or sampling."""
     assert module.config is not None
     check_score_data(scores, module.data_shape)
+    check_prdc_scores(list(cfg.scores), scores[0])
     datamodule = build_option("dataset", module.config["dataset"])
     metrics = {s: sample_metric(cfg, module, s, datamodule) for s in scores}
     for metric in metrics.values():  # e.g. load and check the Inception weights
         getattr(metric, "check_ready", lambda: None)()
-    if str(getattr(cfg.guidance, "value", cfg.guidance)) == "cfg":  # autoguidance needs no null label
-        check_guidance("guidance_scale", cfg.guidance_scale, module.num_classes, module.p_uncond)
-    from diffusion_lab.autoguidance import check_guide
+    check_guidance("guidance_scale", cfg.guidance_scale, module.num_classes, module.p_uncond)
     from diffusion_lab.checkpoint_jobs import build_sampler
-
-    if cfg.guide_ckpt:
-        check_guide(cfg.ckpt_path, cfg.guide_ckpt)  # the guide's config against the model's, before sampling
 
     return SamplePlan(datamodule, metrics, build_sampler(cfg, module, overrides))
 
@@ -203,17 +213,16 @@ def plan_samples(cfg: DictConfig, module: DiffusionModule, scores: list[str], ov
 def evaluate_samples(cfg: DictConfig, module: DiffusionModule, plan: SamplePlan) -> dict[str, Any]:
     """Draw ``cfg.num_samples`` samples once and score them with every metric of ``plan``
     (``val/<name>@N_nfeK``)."""
-    from diffusion_lab.autoguidance import job_guidance
-    from diffusion_lab.callbacks.evaluation import generate_in_batches, generation_suffix, sampling_protocol
+    from diffusion_lab.callbacks.evaluation import generate_in_batches, guidance_suffix, sampling_protocol
     from diffusion_lab.metrics.base import metric_key
     from diffusion_lab.samplers.tuning import grid_protocol
 
     datamodule, sampler = plan.datamodule, plan.sampler
     out, rate = generate_in_batches(
         module, cfg.num_samples, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, progress=True,
-        guidance=job_guidance(cfg, module),
+        guidance_scale=cfg.guidance_scale,
     )  # fmt: skip
-    suffix = generation_suffix(out)
+    suffix = guidance_suffix(cfg.guidance_scale)
     results: dict[str, Any] = {f"val/samples_per_s_nfe{out.nfe}{suffix}": rate}
     protocol: dict[str, Any] = {
         "samples": {
@@ -274,7 +283,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, overrides: list[str] | N
     if cfg.ref_stats_only:
         outputs = [reference_stats_only(cfg, module)]
     else:
-        sample_scores = [s for s in cfg.scores if s in SAMPLE_SCORES]
+        sample_scores = sample_scores_of(list(cfg.scores), module.data_shape)
         plan = plan_samples(cfg, module, sample_scores, overrides or []) if sample_scores else None
         outputs = [EVALUATORS[name](cfg, module) for name in cfg.scores if name in EVALUATORS]
         if plan is not None:

@@ -232,6 +232,7 @@ def fit_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "sampling": evaluation.protocol,
             "conditioning": conditioning_protocol(cfg),
             "feature_extractor": _extractor_id(metric),
+            "metric_protocol": metric.protocol() if hasattr(metric, "protocol") else None,  # e.g. precision's k
             "bpd": bpd.get("protocol"),
         },
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),

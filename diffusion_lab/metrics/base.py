@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from diffusion_lab.metrics import toy2d
 from diffusion_lab.metrics.digits import DigitsFrechetDistance
+from diffusion_lab.metrics.prdc import prdc_scores
 from diffusion_lab.metrics.toy2d import DEFAULT_BANDWIDTHS
+from diffusion_lab.schema.domains import POSITIVE_INT
 
 __all__ = ["DigitsFDMetric", "SampleMetric", "Toy2DMetric", "format_count", "metric_key", "protocol_key"]
 
@@ -40,6 +42,9 @@ class Toy2DMetric:
             ``finite_density_fraction``.
         bandwidths: Gaussian-kernel widths for :func:`mmd_rbf`.
         seed: seed of the projection generator.
+        prdc: also ``precision``, ``recall``, ``density``, ``coverage`` (:mod:`diffusion_lab.metrics.prdc`) in the
+            raw 2-D coordinates.
+        prdc_k: the k of their k-NN balls.
     """
 
     name = "toy2d"
@@ -50,14 +55,19 @@ class Toy2DMetric:
         log_prob: Callable[[Tensor], Tensor] | None = None,
         bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
         seed: int = 0,
+        prdc: bool = True,
+        prdc_k: Annotated[int, POSITIVE_INT] = 3,
     ) -> None:
         self.num_projections, self.bandwidths, self.seed = num_projections, tuple(bandwidths), seed
         self.log_prob = log_prob
+        self.prdc, self.prdc_k = prdc, prdc_k
+        self._protocol: dict[str, Any] = {}
 
     def compute(self, samples: Tensor, reference: Tensor) -> dict[str, float]:
         """``samples (N, 2)``, ``reference (M, 2)`` -> ``{energy_distance, mmd_rbf, sliced_wasserstein}``.
 
-        Plus ``mean_log_prob`` and ``finite_density_fraction`` when ``log_prob`` was given.
+        Plus ``mean_log_prob`` and ``finite_density_fraction`` when ``log_prob`` was given, and the four
+        :data:`~diffusion_lab.metrics.prdc.PRDC_KEYS` when :attr:`prdc`.
         """
         gen = torch.Generator().manual_seed(self.seed)
         out = {
@@ -68,11 +78,19 @@ class Toy2DMetric:
         if self.log_prob is not None:
             lp = toy2d.mean_log_prob(samples, self.log_prob)
             out |= {"mean_log_prob": lp.mean_log_prob, "finite_density_fraction": lp.finite_density_fraction}
+        if self.prdc:
+            scores, self._protocol = prdc_scores(reference, samples, self.prdc_k, "raw 2-D coordinates")
+            out |= scores
         return out
+
+    def protocol(self) -> dict[str, Any]:
+        """``{"prdc": …}``: feature space, k and set sizes of the last :meth:`compute` (empty before it)."""
+        return {"prdc": self._protocol} if self._protocol else {}
 
 
 class DigitsFDMetric:
-    """``fd_digits``, ``class_coverage`` and ``class_entropy`` via :class:`DigitsFrechetDistance`.
+    """``fd_digits``, ``class_coverage`` and ``class_entropy`` via :class:`DigitsFrechetDistance`, and precision /
+    recall / density / coverage (:mod:`diffusion_lab.metrics.prdc`) in the same CNN features.
 
     The classifier is loaded (or trained and cached) on the first :meth:`compute`, not at construction,
     so building a config never trains anything.
@@ -81,13 +99,24 @@ class DigitsFDMetric:
         cache_dir: classifier cache directory (default ``~/.cache/diffusion_lab/digits_classifier``).
         device: feature-extraction device.
         resize: ``"pool"`` or ``"center_crop"`` (see :mod:`diffusion_lab.metrics.digits`).
+        prdc: also ``precision``, ``recall``, ``density``, ``coverage`` (samples vs every reference image).
+        prdc_k: the k of their k-NN balls.
     """
 
     name = "digits"
 
-    def __init__(self, cache_dir: str | None = None, device: str = "cpu", resize: str = "pool") -> None:
+    def __init__(
+        self,
+        cache_dir: str | None = None,
+        device: str = "cpu",
+        resize: str = "pool",
+        prdc: bool = True,
+        prdc_k: Annotated[int, POSITIVE_INT] = 3,
+    ) -> None:
         self.cache_dir, self.device, self.resize = cache_dir, device, resize
+        self.prdc, self.prdc_k = prdc, prdc_k
         self._fd: DigitsFrechetDistance | None = None
+        self._protocol: dict[str, Any] = {}
 
     @property
     def extractor(self) -> DigitsFrechetDistance:
@@ -97,8 +126,19 @@ class DigitsFDMetric:
         return self._fd
 
     def compute(self, samples: Tensor, reference: Tensor) -> dict[str, float]:
-        """``samples (N, 1, H, W)``, ``reference (M, 1, H', W')`` in ``[-1, 1]`` -> the three digits keys."""
-        return self.extractor.compute(samples, reference)
+        """``samples (N, 1, H, W)``, ``reference (M, 1, H', W')`` in ``[-1, 1]`` -> the three digits keys (and the
+        four :data:`~diffusion_lab.metrics.prdc.PRDC_KEYS` when :attr:`prdc`)."""
+        out = self.extractor.compute(samples, reference)
+        if self.prdc:
+            fd = self.extractor
+            features = f"{fd.extractor_id} penultimate layer, inputs brought to 8x8 by resize={self.resize}"
+            scores, self._protocol = prdc_scores(fd.features(reference), fd.features(samples), self.prdc_k, features)
+            out |= scores
+        return out
+
+    def protocol(self) -> dict[str, Any]:
+        """``{"prdc": …}``: feature space, k and set sizes of the last :meth:`compute` (empty before it)."""
+        return {"prdc": self._protocol} if self._protocol else {}
 
 
 # Largest unit first; a count is abbreviated only when the unit divides it exactly (no rounding).

@@ -57,6 +57,7 @@ from diffusion_lab.metrics.inception import (
     seal_cache_files,
     verify_cache_checksums,
 )
+from diffusion_lab.metrics.prdc import DEFAULT_K
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -255,6 +256,7 @@ class FidelityMetric:
             "cache": True,
             "save_cpu_ram": True,  # no DataLoader worker processes
             "rng_seed": self.seed,
+            "prc_neighborhood": DEFAULT_K,  # the k of precision/recall's k-NN balls (Kynkäänniemi et al. 2019)
             "verbose": self.verbose,
         }
 
@@ -321,4 +323,5 @@ class FidelityMetric:
             "isc_splits": self.isc_splits,
             "reference_name": self.reference_name,
             "implementation": f"torch-fidelity {torch_fidelity.__version__}",
+            **({"prc_k": DEFAULT_K} if self.prc else {}),
         }

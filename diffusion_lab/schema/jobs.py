@@ -87,7 +87,10 @@ SPLITS = ("train", "val")
 # dlab-evaluate's scores: the likelihood ones, and the sample-quality ones with the ``metrics=`` option of each.
 LIKELIHOOD_SCORES = ("bpd",)
 SAMPLE_SCORES = {"fid": "fid", "fd_digits": "digits_fd", "toy2d": "toy2d"}
-VALID_SCORES = sorted([*LIKELIHOOD_SCORES, *SAMPLE_SCORES])
+# Kynkäänniemi et al. 2019 / Naeem et al. 2020 k-NN scores, in the features of the sample score they come with (alone:
+# the data's, diffusion_lab.evaluate.prdc_feature_score); in Inception features (fid) only precision and recall.
+PRDC_SCORES = ("precision", "recall", "density", "coverage")
+VALID_SCORES = sorted([*LIKELIHOOD_SCORES, *SAMPLE_SCORES, *PRDC_SCORES])
 SCORES = Domain(
     lambda v: len(v) >= 1 and all(s in VALID_SCORES for s in v), f"a non-empty list of scores from {VALID_SCORES}"
 )
@@ -118,8 +121,9 @@ class EvaluateConfig:
     device: Annotated[str, DEVICE] = "cpu"
     seed: Annotated[int, JOB_SEED] = 0
     out_dir: str | None = None
-    # Sample-quality scores (scores=[fid|fd_digits|toy2d, …]): num_samples index-seeded EMA samples drawn with
-    # `sampler` (null: the run's; sampler=<option> sampler.steps=… as in dlab-sample), scored against the train split.
+    # Sample-quality scores (scores=[fid|fd_digits|toy2d|precision|recall|density|coverage, …]): num_samples
+    # index-seeded EMA samples drawn with `sampler` (null: the run's; sampler=<option> sampler.steps=… as in
+    # dlab-sample), scored against the train split.
     sampler: Any = None
     metrics: Any = None  # metrics=fid (default) options, e.g. metrics.inception_weights=/path/to/weights.pth
     num_samples: Annotated[int, SAMPLE_COUNT] = 1000

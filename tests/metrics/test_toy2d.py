@@ -11,6 +11,7 @@ from torch import Tensor
 
 from diffusion_lab.metrics import toy2d
 from diffusion_lab.metrics.base import SampleMetric, Toy2DMetric, format_count, protocol_key
+from diffusion_lab.metrics.prdc import PRDC_KEYS
 from diffusion_lab.metrics.toy2d import (
     energy_distance,
     mean_log_prob,
@@ -177,7 +178,7 @@ def test_toy2d_metric_keys_and_determinism() -> None:
     metric = Toy2DMetric(num_projections=32)
     assert isinstance(metric, SampleMetric)
     out = metric.compute(x, y)
-    assert set(out) == {"energy_distance", "mmd_rbf", "sliced_wasserstein"}
+    assert set(out) == {"energy_distance", "mmd_rbf", "sliced_wasserstein", *PRDC_KEYS}
     assert out == metric.compute(x, y)
     with_lp = Toy2DMetric(num_projections=32, log_prob=_std_normal_log_prob).compute(x, y)
     assert set(with_lp) == set(out) | {"mean_log_prob", "finite_density_fraction"}
