@@ -204,8 +204,13 @@ def plan_samples(cfg: DictConfig, module: DiffusionModule, scores: list[str], ov
     metrics = {s: sample_metric(cfg, module, s, datamodule) for s in scores}
     for metric in metrics.values():  # e.g. load and check the Inception weights
         getattr(metric, "check_ready", lambda: None)()
-    check_guidance("guidance_scale", cfg.guidance_scale, module.num_classes, module.p_uncond)
+    if str(getattr(cfg.guidance, "value", cfg.guidance)) == "cfg":  # autoguidance needs no null label
+        check_guidance("guidance_scale", cfg.guidance_scale, module.num_classes, module.p_uncond)
+    from diffusion_lab.autoguidance import check_guide
     from diffusion_lab.checkpoint_jobs import build_sampler
+
+    if cfg.guide_ckpt:
+        check_guide(cfg.ckpt_path, cfg.guide_ckpt)  # the guide's config against the model's, before sampling
 
     return SamplePlan(datamodule, metrics, build_sampler(cfg, module, overrides))
 
@@ -213,16 +218,17 @@ def plan_samples(cfg: DictConfig, module: DiffusionModule, scores: list[str], ov
 def evaluate_samples(cfg: DictConfig, module: DiffusionModule, plan: SamplePlan) -> dict[str, Any]:
     """Draw ``cfg.num_samples`` samples once and score them with every metric of ``plan``
     (``val/<name>@N_nfeK``)."""
-    from diffusion_lab.callbacks.evaluation import generate_in_batches, guidance_suffix, sampling_protocol
+    from diffusion_lab.autoguidance import job_guidance
+    from diffusion_lab.callbacks.evaluation import generate_in_batches, generation_suffix, sampling_protocol
     from diffusion_lab.metrics.base import metric_key
     from diffusion_lab.samplers.tuning import grid_protocol
 
     datamodule, sampler = plan.datamodule, plan.sampler
     out, rate = generate_in_batches(
         module, cfg.num_samples, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, progress=True,
-        guidance_scale=cfg.guidance_scale,
+        guidance=job_guidance(cfg, module),
     )  # fmt: skip
-    suffix = guidance_suffix(cfg.guidance_scale)
+    suffix = generation_suffix(out)
     results: dict[str, Any] = {f"val/samples_per_s_nfe{out.nfe}{suffix}": rate}
     protocol: dict[str, Any] = {
         "samples": {
