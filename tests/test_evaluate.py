@@ -148,7 +148,10 @@ def test_evaluate_unknown_score_lists_the_valid_ones(toy_ckpt: Path, tmp_path: P
     from diffusion_lab.evaluate import run
     from diffusion_lab.schema.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"valid choices: \['bpd', 'fd_digits', 'fid', 'toy2d'\]"):
+    valid = r"\['bpd', 'coverage', 'density', 'fd_digits', 'fid', 'precision', 'recall', 'toy2d'\]"
+    with pytest.raises(
+        ConfigError, match=rf"scores=\['fdi'\] is out of range; valid: a non-empty list of scores from {valid}"
+    ):
         run(_compose("evaluate", [f"ckpt_path={toy_ckpt}", "scores=[fdi]"]), tmp_path)
 
 

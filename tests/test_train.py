@@ -117,7 +117,8 @@ def test_evaluate_cli_prints_a_table_and_writes_json(toy_run, tmp_path):
     saved = json.loads((tmp_path / "evaluation.json").read_text())
     assert np.isfinite(saved["val/bpd@32"]) and saved["protocol"]["bpd"]["method"] == "discrete"
     bad = run_cli("diffusion_lab.evaluate", [*args, "scores=[bdp]", f"hydra.run.dir={tmp_path / 'h2'}"])
-    assert bad.returncode != 0 and "valid choices: ['bpd', 'fd_digits', 'fid', 'toy2d']" in bad.stderr
+    valid = "['bpd', 'coverage', 'density', 'fd_digits', 'fid', 'precision', 'recall', 'toy2d']"
+    assert bad.returncode != 0 and f"valid: a non-empty list of scores from {valid}" in bad.stderr
 
 
 def test_importance_sampler_history_is_fed_and_checkpointed(tmp_path):
