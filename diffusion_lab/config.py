@@ -32,6 +32,7 @@ from diffusion_lab.schema.registry import (
 )
 from diffusion_lab.schema.run import TrainConfig
 from diffusion_lab.schema.signature import domain_rules
+from diffusion_lab.schema.sources import check_source
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "64")
 
@@ -115,6 +116,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_posthoc_ema(cfg)
     if cfg.eval.num_samples > 0:
         check_isc_splits("eval.num_samples", cfg.eval.num_samples, cfg.metrics)
+    check_source(cfg)  # a non-Gaussian prior: rectified flow, an ODE sampler, no likelihood
     _check_objective(cfg)
     datamodule = _instantiate_axis(cfg, "dataset")  # its own checks (it is built, not set up: no data is loaded)
     check_model_data(cfg.model, tuple(datamodule.data_shape), str(cfg.dataset._target_))

@@ -32,7 +32,9 @@ from diffusion_lab.diffusion import (
     TimeSampler,
     Weighting,
 )
+from diffusion_lab.diffusion.couplings import IndependentCoupling, OTCoupling
 from diffusion_lab.diffusion.guidance import Guidance, GuidedDenoiser, drop_labels
+from diffusion_lab.diffusion.priors import GaussianPrior, SourceDistribution
 from diffusion_lab.samplers import SampleOutput, Sampler
 from diffusion_lab.samplers.base import IndexedGenerator
 from diffusion_lab.schema.registry import build_option
@@ -95,6 +97,8 @@ class DiffusionModule(L.LightningModule):
         num_classes: label count of a class-conditional network (None: unconditional).
         p_uncond: label-dropout probability of a conditional model (Ho & Salimans 2022 Alg. 1).
         config: the resolved run config, stored in checkpoints.
+        prior: the source distribution ε is drawn from, in training and sampling (default ``N(0, I)``).
+        coupling: how a batch's data and source draws are paired (default independent; ``ot``: minibatch OT).
     """
 
     _bucket_sum: Tensor
@@ -117,11 +121,16 @@ class DiffusionModule(L.LightningModule):
         learned_variance: bool = False,
         vlb_weight: float = 0.001,
         p_uncond: float = 0.0,
+        prior: SourceDistribution | None = None,
+        coupling: IndependentCoupling | OTCoupling | None = None,
     ) -> None:
         super().__init__()
         self.denoiser = Denoiser(net, schedule, parameterization, learned_variance)
         decoder = "discretized" if len(data_shape) == 3 else "gaussian"  # 8-bit images vs. continuous data
-        self.loss_fn = DiffusionLoss(weighting, time_sampler, vlb_weight=vlb_weight, decoder=decoder)
+        self.prior = prior if prior is not None else GaussianPrior()
+        self.loss_fn = DiffusionLoss(
+            weighting, time_sampler, vlb_weight=vlb_weight, decoder=decoder, prior=self.prior, coupling=coupling
+        )
         self.sampler = sampler
         self.data_shape = tuple(data_shape)
         self.num_classes, self.p_uncond = num_classes, p_uncond
@@ -260,7 +269,7 @@ class DiffusionModule(L.LightningModule):
         base.eval()
         denoiser.eval()
         gen = IndexedGenerator([seed * 1_000_003 + int(i) for i in indices], device=self.device)
-        x_T = sampler.prior((len(indices), *self.data_shape), denoiser.schedule, gen, self.device)
+        x_T = sampler.prior((len(indices), *self.data_shape), denoiser.schedule, gen, self.device, self.prior)
         out = sampler.sample(denoiser, x_T, y=y, generator=gen, progress=progress)
         base.train(was_training)
         if guidance is None:
@@ -322,6 +331,8 @@ def build_module(cfg: DictConfig, data_shape: Sequence[int]) -> DiffusionModule:
         learned_variance=cfg.loss.learned_variance,
         vlb_weight=cfg.loss.vlb_weight,
         p_uncond=cfg.cond.p_uncond,
+        prior=build_option("prior", cfg.prior),
+        coupling=build_option("coupling", cfg.coupling),
     )
 
 

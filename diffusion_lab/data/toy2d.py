@@ -129,6 +129,46 @@ def log_prob_checkerboard(x: Tensor) -> Tensor:
     return torch.where(inside & on_square, log_density, torch.full_like(log_density, -math.inf))
 
 
+# --- the flow-matching toy pair (torchcfm / C2OT) ----------------------------------------------
+# Cheng & Schwing 2025 (C2OT) Fig. 1 and torchcfm's notebooks: 8 Gaussians → moons, in the data's own units
+# (not rescaled like the sets above: the published W2 numbers are in these units).
+MOONS_TORCHDYN_NOISE = 0.2
+C2OT_SOURCE_RADIUS = 5.0
+# Their MultivariateNormal(0, √var·I) with var = 0.1: the second argument is the covariance, so Cov = √0.1·I.
+C2OT_SOURCE_COVARIANCE = math.sqrt(0.1)
+
+
+def sample_torchdyn_moons(n: int, generator: torch.Generator) -> Tensor:
+    """torchdyn's ``generate_moons(n, noise=0.2)``, times 3 minus 1, as C2OT's ``sample_moons``: (n, 2).
+
+    Not sklearn's moons: the angles are *equispaced* (``linspace(0, π)``, ⌊n/2⌋ on the upper moon, the rest on the
+    lower ``(1 − cos θ, 1 − sin θ − 0.5)``) and the noise is one ``U[0, 0.2)`` shift per point added to *both*
+    coordinates (``np.random.rand(n, 1) * noise``). The set is returned in a random order (any prefix is a random
+    subset; the set itself is the construction's).
+    """
+    n_out = n // 2
+    theta_out = torch.linspace(0, math.pi, n_out, dtype=torch.float64)
+    theta_in = torch.linspace(0, math.pi, n - n_out, dtype=torch.float64)
+    upper = torch.stack([torch.cos(theta_out), torch.sin(theta_out)], dim=1)
+    lower = torch.stack([1 - torch.cos(theta_in), 1 - torch.sin(theta_in) - 0.5], dim=1)
+    shift = MOONS_TORCHDYN_NOISE * torch.rand(n, 1, generator=generator, dtype=torch.float64)  # one per point
+    points = ((torch.cat([upper, lower]) + shift) * 3 - 1).float()
+    return points[torch.randperm(n, generator=generator)]
+
+
+def c2ot_source_means() -> Tensor:
+    """The 8 means (8, 2) of C2OT's source, in their order: ±x, ±y, then the diagonals, radius 5."""
+    d = 1 / math.sqrt(2)
+    unit = [(1, 0), (-1, 0), (0, 1), (0, -1), (d, d), (d, -d), (-d, d), (-d, -d)]
+    return C2OT_SOURCE_RADIUS * torch.tensor(unit, dtype=torch.float32)
+
+
+def sample_c2ot_eight_gaussians(n: int, generator: torch.Generator) -> Tensor:
+    """C2OT's (and torchcfm's) ``sample_8gaussians``: (n, 2), equal-weight mixture of ``N(μ_k, √0.1·I)``, |μ_k| = 5."""
+    k = torch.multinomial(torch.ones(8), n, replacement=True, generator=generator)
+    return c2ot_source_means()[k] + math.sqrt(C2OT_SOURCE_COVARIANCE) * _normal((n, 2), generator)
+
+
 # --- registry ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ToyDistribution:
@@ -143,6 +183,8 @@ TOY_DISTRIBUTIONS: dict[str, ToyDistribution] = {
     "two_moons": ToyDistribution(sample_two_moons),
     "eight_gaussians": ToyDistribution(sample_eight_gaussians, log_prob_eight_gaussians),
     "checkerboard": ToyDistribution(sample_checkerboard, log_prob_checkerboard),
+    "torchdyn_moons": ToyDistribution(sample_torchdyn_moons),
+    "c2ot_eight_gaussians": ToyDistribution(sample_c2ot_eight_gaussians),
 }
 
 
@@ -237,3 +279,29 @@ class Toy2DDataModule(DiffusionDataModule):
         """Scatter (B, 2) samples over 5,000 reference points (seed 0) -> (400, 400, 3) uint8."""
         reference = self.sample_reference(5_000, torch.Generator().manual_seed(0))
         return render_points(samples, reference)
+
+
+class Toy2DPrior:
+    """A registered toy distribution as the source (prior) of a flow: ``sample(shape (B, 2), generator, device)``.
+
+    This project's flows run from the source at ``t = 1`` to data at ``t = 0`` (``x_t = (1 − t)·x0 + t·ε`` with ε
+    drawn from here); flow-matching texts write the same path with their ``t`` = our ``1 − t``.
+
+    Args:
+        name: one of :data:`TOY_DISTRIBUTIONS` (``c2ot_eight_gaussians`` for Cheng & Schwing 2025, Fig. 1).
+    """
+
+    gaussian = False
+
+    def __init__(self, name: str = "c2ot_eight_gaussians") -> None:
+        self.distribution = get_toy_distribution(name)
+        self.name = name
+
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+        """``shape`` must be ``(B, 2)``; drawn on the CPU (a CPU generator seeded off a device ``generator``)."""
+        if tuple(shape[1:]) != (2,):
+            raise ValueError(f"prior={self.name} draws 2-D points (B, 2); the data has shape {tuple(shape[1:])}")
+        if generator is not None and generator.device.type != "cpu":
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            generator = torch.Generator().manual_seed(seed)
+        return self.distribution.sample(shape[0], generator).to(device)  # type: ignore[arg-type]

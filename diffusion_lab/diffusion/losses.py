@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffusion_lab.diffusion.couplings import IndependentCoupling, OTCoupling
 from diffusion_lab.diffusion.denoiser import Denoiser, NetworkOutput
 from diffusion_lab.diffusion.likelihood_terms import prior_kl, reconstruction_nll, reverse_log_variance, vlb_term
 from diffusion_lab.diffusion.parameterizations import Coefficients
+from diffusion_lab.diffusion.priors import GaussianPrior, SourceDistribution
 from diffusion_lab.diffusion.time_samplers import TimeSampler
 from diffusion_lab.diffusion.weightings import Weighting
 
@@ -56,15 +58,26 @@ class DiffusionLoss:
         weighting, time_sampler: two axes of the objective.
         vlb_weight: λ of L_hybrid, used when the denoiser learns its reverse variance.
         decoder: the data decoder of the VLB / ELBO terms: ``"discretized"`` (8-bit images) or ``"gaussian"``.
+        prior: the source ``ε`` is drawn from (default ``N(0, I)``, :mod:`diffusion_lab.diffusion.priors`).
+        coupling: pairs each ``x0`` with an ``ε`` of the batch before ``x_t`` is formed (default independent;
+            ``ot``: minibatch optimal transport, :mod:`diffusion_lab.diffusion.couplings`).
     """
 
     def __init__(
-        self, weighting: Weighting, time_sampler: TimeSampler, vlb_weight: float = 0.001, decoder: str = "gaussian"
+        self,
+        weighting: Weighting,
+        time_sampler: TimeSampler,
+        vlb_weight: float = 0.001,
+        decoder: str = "gaussian",
+        prior: SourceDistribution | None = None,
+        coupling: IndependentCoupling | OTCoupling | None = None,
     ) -> None:
         self.weighting = weighting
         self.time_sampler = time_sampler
         self.vlb_weight = vlb_weight
         self.decoder = decoder
+        self.prior = prior if prior is not None else GaussianPrior()
+        self.coupling = coupling if coupling is not None else IndependentCoupling()
 
     def __call__(
         self,
@@ -76,7 +89,9 @@ class DiffusionLoss:
         schedule = denoiser.schedule
         x0 = x0.float()
         t, importance = self.time_sampler.sample(x0.shape[0], schedule, x0.device, generator)
-        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        eps = self.prior.sample(tuple(x0.shape), generator, x0.device)
+        # A training step (grad on) streams into a plan spanning batches; validation plans each batch alone.
+        x0, eps, y = self.coupling(x0, eps, y, stream=torch.is_grad_enabled())
         learned = schedule.learnable and torch.is_grad_enabled()
         ctx = schedule.variance_reduction() if learned else contextlib.nullcontext()
         with ctx as handle:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "random_directions",
     "sliced_wasserstein",
     "wasserstein2_1d",
+    "wasserstein2_squared",
 ]
 
 # Gaussian-kernel bandwidths h (data units; toy sets are O(1)-scaled), from sub-mode to global scale.
@@ -170,6 +172,29 @@ def sliced_wasserstein(
     theta = random_directions(num_projections, x.shape[1], generator).to(x.device)
     w2 = wasserstein2_1d(theta @ x.T, theta @ y.T)  # (P,)
     return float(w2.mean().sqrt())
+
+
+def wasserstein2_squared(x: Tensor, y: Tensor) -> float:
+    """Exact squared 2-Wasserstein distance ``W2²`` between the empirical measures of two equal-size point sets.
+
+    With ``N`` points on each side and weights ``1/N`` the optimal plan is a permutation (Birkhoff–von Neumann), so
+    ``W2² = min_π (1/N) Σ_i ‖x_i − y_π(i)‖²``, solved exactly by ``scipy.optimize.linear_sum_assignment`` on the
+    float64 squared-distance matrix. This is what POT's ``ot.emd2([], [], ot.dist(x, y))`` returns (``ot.dist``'s
+    default metric is the *squared* Euclidean one); ``W2`` is its square root. Cost: an ``(N, N)`` float64 matrix
+    (800 MB at N = 10,000) and an assignment that takes about a minute at that size on one core.
+
+    Args:
+        x: ``(N, D)`` points. y: ``(N, D)`` points.
+
+    Returns:
+        ``W2²`` as a float.
+    """
+    x, y = _check_points(x, y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"exact W2 needs two sets of equal size, got {x.shape[0]} and {y.shape[0]} points")
+    cost = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").square_().cpu().numpy()
+    rows, cols = linear_sum_assignment(cost)
+    return float(cost[rows, cols].mean())
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusion_lab.diffusion.denoiser import Denoiser
+from diffusion_lab.diffusion.priors import SourceDistribution
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 from diffusion_lab.samplers.grids import (
     F64,
@@ -29,6 +30,7 @@ from diffusion_lab.samplers.grids import (
 from diffusion_lab.schema.choices import Grid
 from diffusion_lab.schema.domains import POSITIVE, POSITIVE_INT
 from diffusion_lab.schema.signature import enforce_domains
+from diffusion_lab.schema.sources import ODE_SAMPLERS
 
 
 class IndexedGenerator:
@@ -158,15 +160,31 @@ class Sampler:
         schedule: NoiseSchedule,
         generator: Generator = None,
         device: torch.device | str = "cpu",
+        source: SourceDistribution | None = None,
     ) -> Tensor:
         """``x_{t_0} ∼ N(0, σ_{t_0}² I)`` at the first point of this sampler's grid, ``shape`` with the batch dim.
+
+        ``source``: the model's prior; a non-Gaussian one (a flow from another distribution) is drawn as
+        ``x_{t_0} = σ_{t_0}·ε``, which needs ``α_{t_0} = 0`` (rectified flow at ``t = 1``).
 
         ``t_0 = 1`` (``x_1 ∼ N(0, σ_1² I)``, α_1 ≈ 0) for every grid but ``leading`` and σ-grids whose
         ``sigma_max`` is below the schedule's ``σ_e(1)``; there ``α_{t_0} x0`` is neglected, as EDM does.
         """
         t_0 = self.time_grid(schedule)[:1]
-        sigma_0 = schedule_alpha_sigma(schedule, t_0)[1].item()
-        return sigma_0 * randn(shape, generator, device)
+        alpha_0, sigma_0 = (v.item() for v in schedule_alpha_sigma(schedule, t_0))
+        if source is None or source.gaussian:
+            return sigma_0 * randn(shape, generator, device)
+        if type(self).__name__ not in ODE_SAMPLERS or getattr(self, "s_churn", 0.0) > 0:
+            raise ValueError(
+                f"sampler={self.name} injects Gaussian noise, which assumes ε ~ N(0, I), but the model's prior is not "
+                f"Gaussian; valid: sampler=euler|heun (s_churn=0) or sampler=rk45"
+            )
+        if alpha_0 != 0:  # x_{t_0} = α x0 + σ ε is a pure source draw only where α = 0
+            raise ValueError(
+                f"a non-Gaussian prior needs the sampler's grid to start where α = 0 (schedule=rectified_flow, t = 1); "
+                f"sampler={self.name} starts at t={t_0.item():g} with α={alpha_0:.3g}"
+            )
+        return sigma_0 * draw_source(source, shape, generator, device)
 
     @torch.no_grad()
     def sample(
@@ -227,6 +245,18 @@ def posterior_coefficients(
     b = alpha_r * sigma2_sr / sigma_s**2
     var = sigma2_sr * sigma_r**2 / sigma_s**2
     return float(a), float(b), float(var.clamp(min=0.0))
+
+
+def draw_source(
+    source: SourceDistribution, shape: tuple[int, ...], generator: Generator, device: torch.device | str
+) -> Tensor:
+    """``shape`` draws from ``source``; with per-example generators example ``i`` comes from generator ``i`` alone."""
+    if isinstance(generator, IndexedGenerator):
+        rows = [source.sample((1, *shape[1:]), g, device) for g in generator.generators]
+        if len(rows) != shape[0]:
+            raise ValueError(f"batch of {shape[0]} does not match {len(rows)} per-example seeds")
+        return torch.cat(rows)
+    return source.sample(shape, generator, device)
 
 
 def noise_like(x: Tensor, generator: Generator) -> Tensor:

@@ -28,7 +28,10 @@ from diffusion_lab.schema.signature import schema_of
 _PACKAGED_CONF = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parents[2] / "conf")
 # The groups whose options are classes (one ``_target_`` each); the other groups set fields of TrainConfig.
-OPTION_GROUPS = ("schedule", "parameterization", "weighting", "time_sampler", "sampler", "model", "dataset", "metrics")
+OPTION_GROUPS = (
+    "schedule", "parameterization", "weighting", "time_sampler", "sampler", "model", "dataset", "metrics", "prior",
+    "coupling",
+)  # fmt: skip
 TARGET = "_target_"
 
 
