@@ -35,6 +35,7 @@ from diffusion_lab.diffusion import (
 from diffusion_lab.diffusion.couplings import IndependentCoupling, OTCoupling
 from diffusion_lab.diffusion.guidance import Guidance, GuidedDenoiser, drop_labels
 from diffusion_lab.diffusion.priors import GaussianPrior, SourceDistribution
+from diffusion_lab.ema import EMAUpdate
 from diffusion_lab.samplers import SampleOutput, Sampler
 from diffusion_lab.samplers.base import IndexedGenerator
 from diffusion_lab.schema.registry import build_option
@@ -142,6 +143,10 @@ class DiffusionModule(L.LightningModule):
             self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(self.ema_cfg["decay"]), use_buffers=True
         )
         self.ema.requires_grad_(False)
+        self._ema_update = EMAUpdate(self.ema, self.denoiser, self.ema_cfg["decay"])
+        self.sharded_ema: Any = None  # under trainer=fsdp: a ShardedEMA (diffusion_lab.strategies), set by the strategy
+        # A load rewrites the EMA's update counter: re-read it (and the tensor lists) at the next update.
+        self.register_load_state_dict_post_hook(lambda module, keys: module._ema_update.reset())
         bins = len(LOG_SNR_EDGES) + 1
         self.register_buffer("_bucket_sum", torch.zeros(bins, dtype=torch.float64), persistent=False)
         self.register_buffer("_bucket_count", torch.zeros(bins, dtype=torch.float64), persistent=False)
@@ -152,13 +157,24 @@ class DiffusionModule(L.LightningModule):
         if self.channels_last and x0.dim() == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         out = self.loss_fn(self.denoiser, x0, self.training_labels(y))
-        self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
-        for name, term in (("vlb", out.vlb), ("elbo_endpoints", out.endpoints)):
-            if term is not None:
-                self.log(f"train/{name}", term.detach().mean(), on_step=True, on_epoch=False, batch_size=x0.shape[0])
+        if self._logs_this_step():
+            self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
+            for name, term in (("vlb", out.vlb), ("elbo_endpoints", out.endpoints)):
+                if term is not None:
+                    value = term.detach().mean()
+                    self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         self._accumulate_buckets(out.log_snr, out.per_example.detach())
         self._update_time_sampler(out.t, out.unweighted)
         return out.loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether this step's values reach a logger: Lightning writes step values every ``log_every_n_steps`` steps (or
+        when the run stops), so logging the others only costs time; the last step is logged too, for the summary."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        last = trainer.max_steps > 0 and self.global_step + 1 >= trainer.max_steps
+        return bool(trainer._logger_connector.should_update_logs or getattr(trainer, "fast_dev_run", False) or last)
 
     def training_labels(self, y: Tensor) -> Tensor | None:
         """Labels the network trains on: None if unconditional, else ``y (B,)`` with each label replaced by
@@ -191,7 +207,10 @@ class DiffusionModule(L.LightningModule):
             # Before EMA starts, keep the copy equal to the live weights.
             self.ema.module.load_state_dict(self.denoiser.state_dict())
         else:
-            self.ema.update_parameters(self.denoiser)
+            self._ema_update.update()  # = self.ema.update_parameters(self.denoiser), without walking both modules
+
+    def on_train_start(self) -> None:
+        self._ema_update.reset()  # the weights are on their device (and sharded) now
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.global_step % max(self.log_every_n_steps, 1) == 0:
@@ -230,9 +249,18 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------- sampling
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp``: the strategy shards the denoiser and its EMA copy per block (FSDP2); else a no-op."""
+        shard = getattr(self._trainer.strategy, "shard", None) if self._trainer is not None else None
+        if shard is not None:
+            shard(self)
+
     def ema_denoiser(self) -> Denoiser:
-        """The EMA copy of the denoiser (what sampling and evaluation use)."""
+        """The EMA copy of the denoiser (what sampling and evaluation use); a sharded copy (``trainer=fsdp``) is
+        gathered into one plain module once per training step (a collective: every rank calls this at that step)."""
         module = self.ema.module
+        if self.sharded_ema is not None:
+            module = self.sharded_ema.gather(module, self.global_step, self.device)
         assert isinstance(module, Denoiser)
         return module
 

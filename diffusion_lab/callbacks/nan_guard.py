@@ -24,12 +24,16 @@ gradients only after the scaler's own check and is a second line of defence.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from diffusion_lab.ema import local
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +43,33 @@ class NonFiniteError(FloatingPointError):
 
 
 def first_nonfinite_grad(module: torch.nn.Module) -> str | None:
-    """Name of the first parameter of ``module`` whose gradient has a NaN or Inf (None if all finite)."""
+    """Name of the first parameter of ``module`` whose gradient (this rank's shard) has a NaN or Inf (None if all
+    finite)."""
     for name, p in module.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+        if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all()):
             return name
     return None
 
 
 def grads_finite(module: torch.nn.Module) -> bool:
-    """Whether every gradient of ``module`` is finite: one fused 2-norm per tensor and one host sync (on CPU
-    5× cheaper than the ∞-norm); a non-finite norm is confirmed entry-wise, since a finite gradient above
-    ~1e19 overflows its norm without holding a NaN or Inf."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+    """Whether every gradient of ``module`` is finite (see :func:`local_grads_finite`)."""
+    return local_grads_finite(list(module.parameters()))
+
+
+def local_grads_finite(params: Sequence[Tensor], loss_finite: Tensor | bool = True) -> bool:
+    """Whether ``loss_finite`` (a bool or a 0-d bool tensor) holds and every gradient of ``params`` held by this
+    process is finite (a sharded ``DTensor`` gradient: this rank's shard): one fused 2-norm per tensor and one host
+    sync for both (on CPU 5× cheaper than the ∞-norm); a non-finite norm is confirmed entry-wise, since a finite
+    gradient above ~1e19 overflows its norm without holding a NaN or Inf."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    if loss_finite is False:
+        return False
+    if not grads:
+        return bool(loss_finite)
+    norms_finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+    if bool(norms_finite & loss_finite if isinstance(loss_finite, Tensor) else norms_finite):
         return True
-    return all(bool(torch.isfinite(g).all()) for g in grads)
+    return bool(loss_finite) and all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def max_abs(module: torch.nn.Module) -> float:
@@ -87,8 +103,14 @@ class NonFiniteGuard(L.Callback):
             raise ValueError(f"nonfinite action must be one of ['skip', 'stop', 'off'], got {action!r}")
         self.action = action
         self.skipped_steps: list[int] = []
-        self._loss_finite = True
+        self._loss_finite: Tensor | bool = True
         self._batch: Any = None
+        self._params: list[Tensor] = []  # the trainable parameters, listed once per fit (not walked every step)
+        self._sharded = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._params = [p for p in pl_module.parameters() if p.requires_grad]
+        self._sharded = any(isinstance(p, DTensor) for p in self._params)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -96,18 +118,24 @@ class NonFiniteGuard(L.Callback):
         self._batch = batch  # the batch a checkpoint write probes the new weights with
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        if self.action != "off":  # every micro-batch of an accumulated step counts
-            self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()).all())
+        if self.action != "off":  # every micro-batch of an accumulated step counts; read back with the gradients' check
+            finite = torch.isfinite(loss.detach()).all()
+            self._loss_finite = finite if self._loss_finite is True else self._loss_finite & finite
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self.action == "off":
             return
-        loss_ok, self._loss_finite = self._loss_finite, True
-        if loss_ok and grads_finite(pl_module):
+        loss_flag, self._loss_finite = self._loss_finite, True
+        ok = local_grads_finite(self._params or list(pl_module.parameters()), loss_flag)
+        loss_ok = bool(loss_flag) if ok is False else True  # read back only on failure (the check above synced)
+        if self._sharded:  # each rank saw its own shard of the gradients: all skip (or stop) if one failed
+            ok = trainer.strategy.reduce_boolean_decision(ok, all=True)
+        if ok:
             return
-        tensor = "loss" if not loss_ok else f"grad of {first_nonfinite_grad(pl_module)}"
+        name = first_nonfinite_grad(pl_module)
+        tensor = "loss" if not loss_ok else f"grad of {name}" if name else "loss or grad on another rank"
         step = trainer.global_step + 1  # the optimizer step this would have been (1-based)
         if self.action == "stop":
             raise NonFiniteError(f"non-finite {tensor} at step {step}; {self._stop_note(trainer, pl_module, step)}")
