@@ -52,15 +52,10 @@ def check_hardware(cfg: DictConfig, cuda_devices: int | None = None) -> None:
         cuda_devices = torch.cuda.device_count()
     if cuda_devices > 0:
         return
-    strategy = str(cfg.trainer.get("strategy", "auto"))
-    what = (
-        f"trainer.strategy={strategy} (Lightning's FSDP is CUDA-only)"
-        if strategy.startswith("fsdp")
-        else (f"trainer.accelerator={accelerator}")
-    )
+    what = f"trainer.accelerator={accelerator}"
     raise ConfigError(
         f"{what} needs a CUDA GPU, and this machine has none (torch.cuda.device_count() == 0); on a CPU use "
-        "trainer=cpu, or trainer=ddp trainer.accelerator=cpu trainer.devices=N for N processes"
+        "trainer=cpu, or trainer=ddp|fsdp trainer.accelerator=cpu trainer.devices=N for N processes"
     )
 
 

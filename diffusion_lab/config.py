@@ -84,6 +84,26 @@ def _check_unet_shape(model: DictConfig) -> None:
         )
 
 
+def _check_fsdp(cfg: DictConfig) -> None:
+    """What FSDP2 (trainer=fsdp, diffusion_lab.strategies) cannot run: a strategy name it does not know, offloading
+    from a CPU to itself, and a precision other than 32 / bf16-mixed."""
+    strategy, accelerator = str(cfg.trainer.strategy), str(cfg.trainer.accelerator)
+    if not strategy.startswith("fsdp"):
+        return
+    if strategy not in ("fsdp", "fsdp_cpu_offload"):
+        raise ConfigError(f"trainer.strategy={strategy} is not an FSDP2 strategy; valid: fsdp, fsdp_cpu_offload")
+    if strategy == "fsdp_cpu_offload" and accelerator == "cpu":
+        raise ConfigError(
+            "trainer.strategy=fsdp_cpu_offload moves shards from the GPU to host memory, and trainer.accelerator=cpu "
+            "has them there already; valid on CPU: trainer.strategy=fsdp"
+        )
+    if str(cfg.precision) not in ("32", "bf16-mixed"):
+        raise ConfigError(
+            f"precision={cfg.precision} with trainer.strategy={strategy}: Lightning's FSDP2 strategy has no grad "
+            "scaler for sharded fp16 gradients and no float64 policy; valid: precision=32, bf16-mixed"
+        )
+
+
 def _check_dit_shape(model: DictConfig) -> None:
     """A DiT's heads split its width, and its 2-D sin-cos positions take a width divisible by 4."""
     if "hidden_size" in model and "num_heads" in model and model.hidden_size % model.num_heads:
@@ -107,11 +127,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_dit_shape(cfg.model)
     if not (cfg.trainer.max_steps > 0 or cfg.trainer.max_epochs > 0):
         raise ConfigError("trainer.max_steps or max_epochs must be > 0")
-    if str(cfg.trainer.strategy).startswith("fsdp") and cfg.trainer.accelerator == "cpu":
-        raise ConfigError(
-            f"trainer.strategy={cfg.trainer.strategy} needs GPUs (Lightning's FSDP is CUDA-only); with "
-            "trainer.accelerator=cpu use trainer=ddp (valid strategies on CPU: auto, ddp, ddp_spawn)"
-        )
+    _check_fsdp(cfg)
     _check_digits_metric(cfg)  # config-only checks first: they need no torch import
     check_posthoc_ema(cfg)
     if cfg.eval.num_samples > 0:

@@ -55,7 +55,9 @@ def build_trainer(
     from diffusion_lab.callbacks.exact_resume import ExactResume
     from diffusion_lab.callbacks.nan_guard import NonFiniteGuard
     from diffusion_lab.callbacks.progress import StepProgressBar, StepRichProgressBar
+    from diffusion_lab.callbacks.sample_grid import periodic_step_due
     from diffusion_lab.resume import ResumePlan, ResumeRecord
+    from diffusion_lab.strategies import FSDP2Strategy, GatherShardedEMA, build_strategy
     from diffusion_lab.tracking.filing import run_info
     from diffusion_lab.tracking.writers import build_loggers
 
@@ -79,11 +81,16 @@ def build_trainer(
     if cfg.trainer.enable_progress_bar:  # step k/max_steps, not Lightning's "Epoch 1/-2"
         extra.append(StepRichProgressBar() if cfg.callbacks.rich_progress else StepProgressBar())
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer)  # type: ignore[assignment]
+    trainer_kwargs["strategy"] = build_strategy(str(cfg.trainer.strategy), str(cfg.precision))
+    # A sharded EMA is gathered on every rank before the grid and evaluation sample from it (on rank 0).
+    every = [cfg.callbacks.sample_every_n_steps, cfg.eval.every_n_steps]
+    sharded = isinstance(trainer_kwargs["strategy"], FSDP2Strategy)
+    gather = [GatherShardedEMA(every, periodic_step_due)] if sharded else []
     return L.Trainer(
         **trainer_kwargs,
         precision=str(cfg.precision),  # type: ignore[arg-type]
         logger=loggers or False,
-        callbacks=[record, *callbacks, *extra],  # record first: it fixes the first resumed batch's log step
+        callbacks=[record, *gather, *callbacks, *extra],  # record first: it fixes the first resumed batch's log step
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
         # The training order comes from EpochSeededSampler (rank-aware, resumable mid-epoch).

@@ -125,7 +125,12 @@ def test_enum_error_lists_valid_choices():
         (["precision=8"], "valid choices"),
         (["ema.decay=1.5"], "ema.decay"),
         (["sampler.steps=0"], "sampler.steps"),
-        (["trainer=fsdp", "trainer.accelerator=cpu"], r"needs GPUs .*valid strategies on CPU: auto, ddp"),
+        (
+            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy=fsdp_cpu_offload"],
+            r"trainer.strategy=fsdp_cpu_offload moves shards .*; valid on CPU: trainer.strategy=fsdp$",
+        ),
+        (["trainer=fsdp", "precision=16-mixed"], r"precision=16-mixed with trainer.strategy=fsdp: .*: precision=32"),
+        (["trainer=fsdp", "trainer.strategy=fsdp_hybrid"], r"not an FSDP2 strategy; valid: fsdp, fsdp_cpu_offload$"),
     ],
 )
 def test_validation_rejects_out_of_range_values(override, needle):
