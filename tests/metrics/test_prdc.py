@@ -157,4 +157,4 @@ def test_toy2d_metric_scores_raw_coordinates() -> None:
 
 def test_prdc_k_is_range_checked_when_the_config_is_composed() -> None:
     with pytest.raises(ConfigError, match=r"metrics.prdc_k=0 is out of range; valid: an integer >= 1"):
-        check_domains(OmegaConf.merge(option_config("metrics", "digits_fd"), {"prdc_k": 0}), "metrics.")
+        check_domains(OmegaConf.merge(option_config("metrics", "digits_fd"), {"prdc_k": 0}), "metrics.")  # type: ignore[arg-type]
