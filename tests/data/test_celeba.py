@@ -26,6 +26,7 @@ from tests.test_config import compose_train
 
 PARTITION = [0, 0, 0, 1, 1, 2]  # 3 train, 2 valid, 1 test
 DDIM_BOX = (57, 25, 128)  # top, left, side
+RGB_UNET_64 = ["model=unet", "model.resolution=64"]  # a model that fits 3 × 64 × 64 (validate_config checks it)
 CENTER_BOX = (39, 19, 140)  # ((218 - 140) // 2, (178 - 140) // 2, 140)
 
 
@@ -195,7 +196,9 @@ def test_downloads_only_the_two_needed_files() -> None:
 
 
 def test_hydra_option_composes_and_loads(fake: dict[str, Any]) -> None:
-    cfg = compose_train(["metrics=none", "dataset=celeba", f"dataset.root={fake['root']}", "dataset.num_workers=0"])
+    cfg = compose_train(
+        ["metrics=none", "dataset=celeba", f"dataset.root={fake['root']}", "dataset.num_workers=0", *RGB_UNET_64]
+    )
     validate_config(cfg)
     dm = instantiate(cfg.dataset)
     assert isinstance(dm, CelebADataModule) and dm.crop == "ddim" and dm.resolution == 64 and dm.flip

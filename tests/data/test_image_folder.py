@@ -202,7 +202,10 @@ def test_empty_folder_and_empty_class_are_reported(tmp_path: Path) -> None:
 
 def test_hydra_option_composes_and_loads(classes: Path) -> None:
     overrides = ["metrics=none", "dataset=image_folder", f"dataset.root={classes}", "dataset.num_workers=0"]
-    cfg = compose_train([*overrides, "dataset.resolution=16", "dataset.batch_size=2", "dataset.val_fraction=0.4"])
+    rgb16 = ["model=unet_small", "model.in_channels=3"]  # the model must fit the data (3 × 16 × 16)
+    cfg = compose_train(
+        [*overrides, "dataset.resolution=16", "dataset.batch_size=2", "dataset.val_fraction=0.4", *rgb16]
+    )
     validate_config(cfg)
     dm = instantiate(cfg.dataset)
     assert isinstance(dm, ImageFolderDataModule) and dm.num_classes == 2 and dm.crop == "center"

@@ -165,7 +165,10 @@ def test_only_missing_files_are_named(fake32: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("option", "resolution"), [("imagenet32", 32), ("imagenet64", 64)])
 def test_hydra_option_composes_and_loads(tmp_path: Path, option: str, resolution: int) -> None:
     fake = write_release(tmp_path, resolution)
-    cfg = compose_train(["metrics=none", f"dataset={option}", f"dataset.root={tmp_path}", "dataset.num_workers=0"])
+    rgb_unet = ["model=unet", f"model.resolution={resolution}"]  # the model must fit the data
+    cfg = compose_train(
+        ["metrics=none", f"dataset={option}", f"dataset.root={tmp_path}", "dataset.num_workers=0", *rgb_unet]
+    )
     validate_config(cfg)
     dm = instantiate(cfg.dataset)
     assert isinstance(dm, ImageNetDataModule) and dm.resolution == resolution and dm.num_train_batches == 10

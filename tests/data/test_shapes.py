@@ -125,12 +125,12 @@ TINY_MODEL = [
 
 
 def test_hydra_option_composes_and_rejects_bad_scales() -> None:
-    cfg = compose_train(["metrics=none", "dataset=shapes"])
+    cfg = compose_train(["metrics=none", "dataset=shapes", "model=unet"])  # the model must fit 3 × 32 × 32
     validate_config(cfg)
     dm = instantiate(cfg.dataset)
     assert isinstance(dm, ShapesDataModule) and dm.num_train == 10_000 and dm.num_val == 1_000
     with pytest.raises(ConfigError, match="min_scale"):
-        validate_config(compose_train(["metrics=none", "dataset=shapes", "dataset.max_scale=0.99"]))
+        validate_config(compose_train(["metrics=none", "dataset=shapes", "model=unet", "dataset.max_scale=0.99"]))
 
 
 def test_class_conditional_training_run(tmp_path: Path) -> None:
