@@ -199,22 +199,23 @@ def train_command(root: Path, row: Row, seeds: Sequence[int], launcher: str) -> 
     ]  # fmt: skip
 
 
-def evaluate_command(root: Path, column: Column, checkpoints: Sequence[Path], launcher: str) -> list[str]:
-    """The ``dlab-evaluate -m`` multirun of ``column`` over ``checkpoints``."""
+def evaluate_command(root: Path, column: Column, row: Row, checkpoints: Sequence[Path], launcher: str) -> list[str]:
+    """The ``dlab-evaluate -m`` multirun of ``column`` over ``row``'s ``checkpoints`` (into
+    ``<root>/evaluate/<column>/<row>/<job>``, so invocations for different rows never share a directory)."""
     assert column.evaluate is not None
     return [
         sys.executable, "-m", "diffusion_lab.evaluate", "-m", f"ckpt_path={','.join(map(str, checkpoints))}",
-        *column.evaluate, *LAUNCHERS[launcher], f"hydra.sweep.dir={root / 'evaluate' / column.name}",
+        *column.evaluate, *LAUNCHERS[launcher], f"hydra.sweep.dir={root / 'evaluate' / column.name / row.name}",
         "hydra.sweep.subdir=${hydra.job.num}",
     ]  # fmt: skip
 
 
 def evaluated(root: Path, column: Column) -> dict[str, dict[str, Any]]:
-    """``checkpoint path -> evaluation.json`` of every finished evaluation of ``column``."""
+    """``checkpoint path -> evaluation.json`` of every finished evaluation of ``column`` (any depth below it)."""
     found = {}
-    for path in sorted((root / "evaluate" / column.name).glob(f"*/{EVALUATION_FILE}")):
+    for path in sorted((root / "evaluate" / column.name).rglob(EVALUATION_FILE)):
         record = json.loads(path.read_text(encoding="utf-8"))
-        found[str(record["checkpoint"])] = record
+        found[str(Path(record["checkpoint"]).resolve())] = record  # relative or absolute, one key
     return found
 
 
@@ -228,10 +229,11 @@ def run_all(preset: Preset, root: Path, seeds: Sequence[int], launcher: str) -> 
         if column.evaluate is None:
             continue
         done = evaluated(root, column)
-        ckpts = [run_dir(root, r, s) / "checkpoints" / "last.ckpt" for r in preset.rows for s in seeds]
-        todo_ckpts = [c for c in ckpts if c.is_file() and str(c) not in done]
-        if todo_ckpts:
-            subprocess.run(evaluate_command(root, column, todo_ckpts, launcher), check=True)
+        for row in preset.rows:
+            ckpts = [run_dir(root, row, s) / "checkpoints" / "last.ckpt" for s in seeds]
+            todo = [c for c in ckpts if c.is_file() and str(c.resolve()) not in done]
+            if todo:
+                subprocess.run(evaluate_command(root, column, row, todo, launcher), check=True)
 
 
 def read_metric(record: dict[str, Any], pattern: str, where: Path | str) -> float:
@@ -260,8 +262,8 @@ def collect(preset: Preset, root: Path, seeds: Sequence[int]) -> dict[tuple[str,
                 rdir = run_dir(root, row, seed)
                 if column.evaluate is None and (rdir / SUMMARY_FILE).is_file():
                     cell[seed] = read_metric(_summary_metrics(rdir / SUMMARY_FILE), column.key, rdir / SUMMARY_FILE)
-                elif str(rdir / "checkpoints" / "last.ckpt") in done:
-                    record = done[str(rdir / "checkpoints" / "last.ckpt")]
+                elif str((rdir / "checkpoints" / "last.ckpt").resolve()) in done:
+                    record = done[str((rdir / "checkpoints" / "last.ckpt").resolve())]
                     cell[seed] = read_metric(record, column.key, f"evaluation of {rdir}")
     return values
 

@@ -103,7 +103,7 @@ def test_report_from_synthetic_run_records(tmp_path, monkeypatch):
         run = root / "train" / f"a_seed{seed}"
         (run / "checkpoints").mkdir(parents=True)
         (run / "summary.json").write_text(json.dumps({"metrics": {"val/w2_sq@64_nfe31": ode, "train/wall_s": 60.0}}))
-        done = root / "evaluate" / "one" / str(seed)
+        done = root / "evaluate" / "one" / "a" / str(seed)
         done.mkdir(parents=True)
         record = {"checkpoint": str(run / "checkpoints" / "last.ckpt"), "val/w2_sq@64_nfe1": euler}
         (done / "evaluation.json").write_text(json.dumps(record))
