@@ -315,10 +315,11 @@ def main(cfg: DictConfig) -> None:
     """``dlab-evaluate``: evaluation.json and summary.json in the output directory (:func:`run` checks the config
     before torch is imported)."""
     out_dir = output_dir(cfg)
-    results = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
-    from diffusion_lab.checkpoint_jobs import track
+    with run_lock(out_dir, "dlab-evaluate"):  # one lock from the scores to their record: no job can slip between
+        results = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
+        from diffusion_lab.checkpoint_jobs import track
 
-    track(cfg, out_dir, "eval", results)
+        track(cfg, out_dir, "eval", results)
     print(format_table(results))
     print(f"wrote {out_dir / EVALUATION_FILE} and {out_dir / 'summary.json'}")
 

@@ -217,17 +217,29 @@ class RunLock:
         self.release()
 
 
+_HELD: dict[Path, RunLock] = {}  # directories this process holds through run_lock (re-entrant: one job, nested steps)
+
+
 @contextlib.contextmanager
 def run_lock(
     directory: str | Path, job: str, enabled: bool = True, what: str = "output directory"
 ) -> Iterator[RunLock | None]:
     """Hold the lock of ``directory`` for ``job`` inside the ``with`` block (:class:`RunLock`); ``enabled=False``
-    (a DDP rank other than 0) holds nothing."""
+    (a DDP rank other than 0) holds nothing. Re-entrant within a process: a job's entry point holds its directory
+    across its steps (sample, then record) while each step also asks for it; another process is refused."""
     if not enabled:
         yield None
         return
+    key = Path(directory).resolve()
+    if key in _HELD:
+        yield _HELD[key]
+        return
     with RunLock(directory, job, what) as lock:
-        yield lock
+        _HELD[key] = lock
+        try:
+            yield lock
+        finally:
+            del _HELD[key]
 
 
 def prepare_output_dir(directory: str | Path, records: Iterable[str], what: str = "output directory") -> Path:

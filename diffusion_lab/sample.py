@@ -159,10 +159,11 @@ def main(cfg: DictConfig) -> None:
     """``dlab-sample``: samples.npz, grid.png and summary.json in the output directory (:func:`run` checks the config
     before torch is imported)."""
     out_dir = output_dir(cfg)
-    summary = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
-    from diffusion_lab.checkpoint_jobs import track
+    with run_lock(out_dir, "dlab-sample"):  # one lock from the samples to their record: no job can slip between
+        summary = run(cfg, out_dir, list(HydraConfig.get().overrides.task))
+        from diffusion_lab.checkpoint_jobs import track
 
-    track(cfg, out_dir, "sample", summary, {"samples/grid": out_dir / GRID_FILE})
+        track(cfg, out_dir, "sample", summary, {"samples/grid": out_dir / GRID_FILE})
     print(describe(summary))
     print(f"wrote {out_dir / SAMPLES_FILE}, {out_dir / GRID_FILE} and {out_dir / 'summary.json'}")
 

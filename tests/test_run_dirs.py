@@ -354,3 +354,19 @@ def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temp(tmp_path: P
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
     atomic_write_json(target, {"new": 2})
     assert target.read_text() == '{\n  "new": 2\n}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_run_lock_is_reentrant_in_one_process_and_exclusive_across_processes(tmp_path):
+    """An entry point holds its directory across its steps (sample, then record), each step asking for it again;
+    another process is still refused while the outer hold lasts, and the lock is free after it."""
+    from diffusion_lab.run_dir import run_lock
+
+    script = "import sys\nfrom diffusion_lab.run_dir import RunLock\nRunLock(sys.argv[1], 'dlab-sample').acquire()\n"
+    with run_lock(tmp_path, "dlab-sample") as outer:
+        with run_lock(tmp_path / ".", "dlab-sample") as inner:
+            assert inner is outer and outer is not None and outer.held
+        assert outer.held  # leaving the inner block does not release the outer hold
+        other = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+        assert other.returncode != 0 and "RunDirBusy" in other.stderr and f"pid {os.getpid()}" in other.stderr
+    assert not outer.held
+    RunLock(tmp_path, "dlab-train").acquire().release()
