@@ -2,7 +2,9 @@
 
 Shapes follow the FFJORD toy sets (Grathwohl et al. 2019, ``lib/toy_data.py``) rescaled by fixed
 constants — never by data statistics, so the log-densities below stay exact — such that every
-coordinate has standard deviation close to 1 and (almost) all mass lies in [-3, 3]^2.
+coordinate has standard deviation close to 1 and (almost) all mass lies in [-3, 3]^2. The exceptions are
+:data:`PAPER_UNIT_SETS`, the flow-matching pair of Cheng & Schwing 2025 (8 Gaussians at radius 5 → torchdyn's
+moons ·3 − 1), kept in that paper's units so its W2 numbers compare.
 
 Adding a distribution = one sampling function ``(n, generator) -> (n, 2)`` plus one entry in
 :data:`TOY_DISTRIBUTIONS` (with its exact ``log_prob`` when it has one).
@@ -132,6 +134,8 @@ def log_prob_checkerboard(x: Tensor) -> Tensor:
 # --- the flow-matching toy pair (torchcfm / C2OT) ----------------------------------------------
 # Cheng & Schwing 2025 (C2OT) Fig. 1 and torchcfm's notebooks: 8 Gaussians → moons, in the data's own units
 # (not rescaled like the sets above: the published W2 numbers are in these units).
+PAPER_UNIT_SETS = ("torchdyn_moons", "c2ot_eight_gaussians")
+PAPER_PLOT_LIMIT = 7.0  # C2OT's plots: [-7, 7]²
 MOONS_TORCHDYN_NOISE = 0.2
 C2OT_SOURCE_RADIUS = 5.0
 # Their MultivariateNormal(0, √var·I) with var = 0.1: the second argument is the covariance, so Cov = √0.1·I.
@@ -276,9 +280,10 @@ class Toy2DDataModule(DiffusionDataModule):
         )
 
     def render(self, samples: Tensor) -> np.ndarray:
-        """Scatter (B, 2) samples over 5,000 reference points (seed 0) -> (400, 400, 3) uint8."""
+        """Scatter (B, 2) samples over 5,000 reference points (seed 0) -> (400, 400, 3) uint8 (on [-7, 7]² for the
+        paper-unit sets, else [-3, 3]²)."""
         reference = self.sample_reference(5_000, torch.Generator().manual_seed(0))
-        return render_points(samples, reference)
+        return render_points(samples, reference, PAPER_PLOT_LIMIT if self.name in PAPER_UNIT_SETS else PLOT_LIMIT)
 
 
 class Toy2DPrior:

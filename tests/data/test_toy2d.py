@@ -12,9 +12,10 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from diffusion_lab.data import TOY_DISTRIBUTIONS, DiffusionDataModule, Toy2DDataModule
-from diffusion_lab.data.toy2d import GAUSSIANS_STD, eight_gaussians_means
+from diffusion_lab.data.toy2d import GAUSSIANS_STD, PAPER_UNIT_SETS, eight_gaussians_means
 
 NAMES = sorted(TOY_DISTRIBUTIONS)
+UNIT_SCALE = sorted(set(TOY_DISTRIBUTIONS) - set(PAPER_UNIT_SETS))  # the others are in their paper's units
 
 
 def make(name: str = "swiss_roll", seed: int = 0, **kwargs: int) -> Toy2DDataModule:
@@ -30,8 +31,9 @@ def grid(limit: float, n: int) -> tuple[Tensor, float]:
     return torch.stack([xx.flatten(), yy.flatten()], dim=1), h * h
 
 
-def test_registry_has_the_four_sets() -> None:
-    assert set(NAMES) == {"swiss_roll", "two_moons", "eight_gaussians", "checkerboard"}
+def test_registry_has_the_four_sets_and_the_flow_matching_pair() -> None:
+    assert set(UNIT_SCALE) == {"swiss_roll", "two_moons", "eight_gaussians", "checkerboard"}
+    assert set(NAMES) == set(UNIT_SCALE) | {"torchdyn_moons", "c2ot_eight_gaussians"}
 
 
 def test_unknown_name_lists_valid_names() -> None:
@@ -48,7 +50,7 @@ def test_attributes_before_setup() -> None:
     assert dm._train is None  # nothing generated yet
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", UNIT_SCALE)
 def test_unit_scale(name: str) -> None:
     x = TOY_DISTRIBUTIONS[name].sample(50_000, torch.Generator().manual_seed(1))
     assert x.shape == (50_000, 2) and x.dtype == torch.float32
