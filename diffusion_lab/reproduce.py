@@ -231,9 +231,9 @@ def run_all(preset: Preset, root: Path, seeds: Sequence[int], launcher: str) -> 
         done = evaluated(root, column)
         for row in preset.rows:
             ckpts = [run_dir(root, row, s) / "checkpoints" / "last.ckpt" for s in seeds]
-            todo = [c for c in ckpts if c.is_file() and str(c.resolve()) not in done]
-            if todo:
-                subprocess.run(evaluate_command(root, column, row, todo, launcher), check=True)
+            pending = [c for c in ckpts if c.is_file() and str(c.resolve()) not in done]
+            if pending:
+                subprocess.run(evaluate_command(root, column, row, pending, launcher), check=True)
 
 
 def read_metric(record: dict[str, Any], pattern: str, where: Path | str) -> float:
