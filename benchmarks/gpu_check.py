@@ -9,6 +9,11 @@
    checkpoints' raw and EMA weights are compared tensor by tensor (shapes must match the unsharded network,
    values within bf16 tolerance), and ``dlab-sample`` must load the FSDP checkpoint.
 3. ``compile=true``: the ``trainer=gpu`` run again with the network compiled; examples/s against eager.
+4. The CPU proofs of the sharded path on this machine's cores: ``tests/test_sharded.py`` (FSDP2 with 2 gloo processes
+   equals 1 process in float64; bf16-mixed FSDP2 near fp32).
+
+``trainer=fsdp`` is FSDP2 (``diffusion_lab/strategies.py``: per-block ``fully_shard``, ``MixedPrecisionPolicy`` for
+bf16-mixed, the EMA sharded like the weights, one consolidated ``last.ckpt``).
 
 Writes one JSON (``--out``, default ``benchmarks/results/gpu_check.json``) and prints it. Each stage records
 its own ``ok`` and error text, so one failing stage does not hide the others.
@@ -107,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             timeout=60,
         )  # fmt: skip
     report["compile"] = train_run(args.work / "compiled", ["trainer=gpu", "compile=true"], timeout=150)
+    report["sharded_cpu"] = run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", "-m", "", "tests/test_sharded.py", "-k", "fsdp",
+         f"--basetemp={args.work / 'sharded_tests'}"],
+        timeout=100,
+    )  # fmt: skip
     text = json.dumps(report, indent=1, default=str)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")

@@ -102,7 +102,7 @@ class ShardedEMA:
                 mine.copy_(theirs)
             self.full.requires_grad_(False)
             self.step = step
-        return self.full
+        return self.full.train(sharded.training)  # the mode Lightning gave the sharded copy (eval in validation)
 
 
 class GatherShardedEMA(L.Callback):

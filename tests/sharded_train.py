@@ -1,6 +1,6 @@
 """A few deterministic training steps of the real DiffusionModule under one strategy; run as a script for the
-multi-process cases (``python tests/sharded_train.py OUT MODE STEPS PRECISION DTYPE``; Lightning relaunches it per
-rank) and imported for the single-process reference.
+multi-process cases (``python tests/sharded_train.py OUT MODE STEPS PRECISION DTYPE BATCH [RESUME]``; Lightning
+relaunches it per rank) and imported for the single-process reference.
 
 Only the loss's random draws are made deterministic: example ``i`` of the data set carries its own ``t`` and ``ε``,
 so a batch of 2B on one process and two batches of B on two ranks see the same (x0, t, ε) triples. Network, denoiser,
@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
+from diffusion_lab.checkpoint_file import read_checkpoint
 from diffusion_lab.config import register_configs
 from diffusion_lab.module import DiffusionModule, build_module
 from diffusion_lab.schema.registry import CONFIG_DIR
@@ -52,7 +53,8 @@ def data(dtype: torch.dtype) -> TensorDataset:
 def rank_share(dataset: TensorDataset, batch: int, world: int) -> Subset[Any]:
     """This rank's examples: its batch ``k`` is examples ``(2k + rank)·B … (2k + rank + 1)·B − 1`` of the 2-rank
     split, so step k's two batches together are examples ``2kB … 2(k+1)B − 1``, one process's batch k of 2B."""
-    rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning for the process it launches (rank 1)
+    # torchrun sets RANK (global); Lightning's own launcher sets LOCAL_RANK for the process it starts (rank 1).
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
     blocks = range(rank, len(dataset) // batch, world)
     return Subset(dataset, [b * batch + i for b in blocks for i in range(batch)])
 
@@ -70,21 +72,29 @@ def build(dtype: torch.dtype) -> FixedDrawModule:
     return module.to(dtype)
 
 
-def run(out: Path, mode: str, steps: int, precision: str, dtype: torch.dtype, batch: int) -> None:
-    """Train ``steps`` steps, ``batch`` examples per process; save ``out/<mode>.ckpt`` (one consolidated file)."""
-    strategy: Any = {"single": "auto", "ddp": "ddp", "fsdp": FSDP2Strategy(precision=precision)}[mode]
+def run(
+    out: Path, mode: str, steps: int, precision: str, dtype: torch.dtype, batch: int, resume: Path | None = None
+) -> None:
+    """Train to step ``steps``, ``batch`` examples per process; save ``out/<mode>.ckpt`` (one consolidated file).
+    ``resume``: continue from that checkpoint (its step's batches are skipped: a plain loader restarts the epoch)."""
+    single = mode.startswith("single")  # single, single_resumed: one process
+    strategy: Any = "auto" if single else "ddp" if mode == "ddp" else FSDP2Strategy(precision=precision)
+    nodes = 2 if mode == "fsdp_2nodes" else 1  # torchrun --nnodes=2 --nproc-per-node=1 starts each process
     trainer = L.Trainer(
-        accelerator="cpu", devices=1 if mode == "single" else 2, strategy=strategy, max_steps=steps,
+        accelerator="cpu", devices=1 if single or nodes == 2 else 2, num_nodes=nodes, strategy=strategy,
+        max_steps=steps,
         precision="32-true" if precision == "32" else precision, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0,
         limit_val_batches=0, plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
     )  # fmt: skip
-    trainer.fit(
-        build(dtype), train_dataloaders=DataLoader(rank_share(data(dtype), batch, trainer.world_size), batch_size=batch)
-    )
+    dataset = rank_share(data(dtype), batch, trainer.world_size)
+    done = int(read_checkpoint(resume)["global_step"]) if resume is not None else 0
+    dataset = Subset(dataset, range(done * batch, len(dataset)))
+    trainer.fit(build(dtype), train_dataloaders=DataLoader(dataset, batch_size=batch), ckpt_path=resume)
     trainer.save_checkpoint(out / f"{mode}.ckpt")
 
 
 if __name__ == "__main__":
     out_dir, mode_, steps_, precision_, dtype_ = sys.argv[1:6]
-    run(Path(out_dir), mode_, int(steps_), precision_, getattr(torch, dtype_), int(sys.argv[6]))
+    resume_ = Path(sys.argv[7]) if len(sys.argv) > 7 else None
+    run(Path(out_dir), mode_, int(steps_), precision_, getattr(torch, dtype_), int(sys.argv[6]), resume_)
