@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diffusion_lab.records import RecordError, check_record, read_record, type_name
+from diffusion_lab.records import RecordError, check_record, read_record, short_repr, type_name
 
 SCHEMA = {
     "name": str,
@@ -194,3 +194,12 @@ def test_a_job_on_a_checkpoint_reads_its_training_runs_summary_through_the_reade
     summary.write_text(json.dumps({"name": "digits", "tags": "a"}))
     with pytest.raises(RecordError, match=r"key 'tags' is string \('a'\), expected array"):
         training_run(ckpt, {}, None)
+
+
+def test_a_long_bad_value_is_quoted_cut_to_its_width():
+    """A wrong-typed value too long to quote whole is cut to 60 characters ending in '...', a short one is whole."""
+    assert short_repr("x" * 10) == repr("x" * 10)
+    long = short_repr(list(range(100)))
+    assert len(long) == 60 and long.endswith("...") and long.startswith("[0, 1, 2")
+    assert short_repr("y" * 58) == repr("y" * 58)  # exactly 60 characters with its quotes: whole
+    assert short_repr("y" * 59) == repr("y" * 59)[:57] + "..."
