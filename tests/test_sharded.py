@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,15 +23,19 @@ import torch
 
 from diffusion_lab.checkpoint_file import read_checkpoint
 from tests.sharded_train import run
+from tests.test_evaluate import DDP_SCRIPT
+from tests.test_train import TINY_TOY
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 3, 8
 
 
-def launch(tmp_path: Path, mode: str, precision: str = "32", dtype: str = "float64", batch: int = BATCH) -> dict:
-    """Run tests/sharded_train.py with 2 CPU processes; the checkpoint it wrote (verified read)."""
+def launch(
+    tmp_path: Path, mode: str, precision: str = "32", dtype: str = "float64", steps: int = STEPS, resume: str = ""
+) -> dict:
+    """Run tests/sharded_train.py with 2 CPU processes (batch B each); the checkpoint it wrote (verified read)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    args = [str(tmp_path), mode, str(STEPS), precision, dtype, str(batch)]
+    args = [str(tmp_path), mode, str(steps), precision, dtype, str(BATCH), *([resume] if resume else [])]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "sharded_train.py"), *args],
         capture_output=True, text=True, timeout=500, env=env, cwd=tmp_path,
@@ -43,6 +48,15 @@ def reference(tmp_path: Path, precision: str = "32", dtype: torch.dtype = torch.
     """The same training on one process with batch 2B."""
     run(tmp_path, "single", STEPS, precision, dtype, 2 * BATCH)
     return read_checkpoint(tmp_path / "single.ckpt")
+
+
+def test_a_two_process_fsdp_checkpoint_resumes_on_one_process_exactly(tmp_path: Path) -> None:
+    """N → M: 2 FSDP2 processes train steps 1–2 and write last.ckpt (consolidated); one process resumes from it for
+    step 3 (batch 2B) and ends where 3 single-process steps end: weights, EMA (its update counter included) and AdamW
+    moments (float64, same tolerances). The data order is the caller's to keep (here: the next 2B examples)."""
+    launch(tmp_path, "fsdp", steps=STEPS - 1)
+    run(tmp_path, "single_resumed", STEPS, "32", torch.float64, 2 * BATCH, resume=tmp_path / "fsdp.ckpt")
+    assert_same_training(read_checkpoint(tmp_path / "single_resumed.ckpt"), reference(tmp_path))
 
 
 def moments(ckpt: dict) -> list[torch.Tensor]:
@@ -86,6 +100,44 @@ def test_bf16_mixed_under_fsdp_keeps_fp32_master_weights_near_fp32_training(tmp_
     diffs = []
     for key, value in fp32["state_dict"].items():
         got = bf16["state_dict"][key]
+        if not value.is_floating_point():  # ema.n_averaged: the update count, equal
+            assert torch.equal(got, value), key
+            continue
         assert got.dtype == value.dtype == torch.float32 and torch.isfinite(got).all(), key
         diffs.append(float((got - value).abs().max()))
     assert 0 < max(diffs) <= 3 * lr * STEPS, (max(diffs), lr)
+
+
+@pytest.mark.slow  # two more 2-process launches
+def test_a_resumed_fsdp_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Same world size: FSDP2 steps 1–2, then FSDP2 resumed from that last.ckpt (read verified on both ranks and
+    re-sharded) for step 3, ends bit-for-bit where 3 uninterrupted FSDP2 steps end."""
+    (tmp_path / "first").mkdir()
+    launch(tmp_path / "first", "fsdp", steps=STEPS - 1)
+    resumed = launch(tmp_path, "fsdp", steps=STEPS, resume=str(tmp_path / "first" / "fsdp.ckpt"))
+    (tmp_path / "whole").mkdir()
+    assert_same_training(resumed, launch(tmp_path / "whole", "fsdp"), atol=0.0, rtol=0.0)
+
+
+@pytest.mark.slow  # three Python processes import torch + Lightning (~1.5 min on 2 shared cores)
+def test_fsdp_sharded_evaluation_equals_single_process(tmp_path: Path) -> None:
+    """The evaluation callback under FSDP2 (2 CPU ranks): the EMA is gathered once, each rank samples its share of
+    the indices, and rank 0 holds exactly N unique samples equal to one process sampling all N (tests/test_evaluate.py's
+    DDP check with the strategy swapped)."""
+    script_text = DDP_SCRIPT.replace('strategy="ddp"', "strategy=FSDP2Strategy()").replace(
+        "from diffusion_lab.module import build_module", "from diffusion_lab.module import build_module\n"
+        "from diffusion_lab.strategies import FSDP2Strategy"
+    )  # fmt: skip
+    assert "FSDP2Strategy()" in script_text
+    script = tmp_path / "fsdp_eval.py"
+    script.write_text(textwrap.dedent(script_text))
+    n = 11  # odd: one rank has a padded shard
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(n), *TINY_TOY],
+        capture_output=True, text=True, timeout=500, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sharded, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
+    assert sharded.shape == (n, 2) and len(torch.unique(sharded, dim=0)) == n
+    torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6)
