@@ -200,13 +200,14 @@ def train_command(root: Path, row: Row, seeds: Sequence[int], launcher: str) -> 
 
 
 def evaluate_command(root: Path, column: Column, row: Row, checkpoints: Sequence[Path], launcher: str) -> list[str]:
-    """The ``dlab-evaluate -m`` multirun of ``column`` over ``row``'s ``checkpoints`` (into
-    ``<root>/evaluate/<column>/<row>/<job>``, so invocations for different rows never share a directory)."""
+    """The ``dlab-evaluate -m`` multirun of ``column`` over ``row``'s ``checkpoints``, into
+    ``<root>/evaluate/<column>/<row>/<time>/<job>``: a directory of its own per invocation (job numbers restart at 0
+    in every multirun), so no invocation overwrites another's records."""
     assert column.evaluate is not None
+    sweep = root / "evaluate" / column.name / row.name / time.strftime("%Y-%m-%d_%H-%M-%S")
     return [
         sys.executable, "-m", "diffusion_lab.evaluate", "-m", f"ckpt_path={','.join(map(str, checkpoints))}",
-        *column.evaluate, *LAUNCHERS[launcher], f"hydra.sweep.dir={root / 'evaluate' / column.name / row.name}",
-        "hydra.sweep.subdir=${hydra.job.num}",
+        *column.evaluate, *LAUNCHERS[launcher], f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}",
     ]  # fmt: skip
 
 
