@@ -3,6 +3,7 @@ root, unwritable directories refused before any work, records written atomically
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -370,3 +371,12 @@ def test_run_lock_is_reentrant_in_one_process_and_exclusive_across_processes(tmp
         assert other.returncode != 0 and "RunDirBusy" in other.stderr and f"pid {os.getpid()}" in other.stderr
     assert not outer.held
     RunLock(tmp_path, "dlab-train").acquire().release()
+
+
+def test_an_atomic_write_creates_missing_parent_directories(tmp_path: Path) -> None:
+    """A record into a directory tree that does not exist yet (a fresh run's ``checkpoints/grids/<stem>/``) is
+    written whole, with every missing parent created, and leaves no temp file."""
+    target = tmp_path / "a" / "b" / "c" / "record.json"
+    atomic_write_json(target, {"n": 3})
+    assert json.loads(target.read_text()) == {"n": 3}
+    assert [p.name for p in target.parent.iterdir()] == ["record.json"]
