@@ -22,8 +22,8 @@ Protocol (what a reported ``val/fid@N_nfeK`` means):
   seeded subset) against the full reference: the FID a perfect generator would score with that many samples.
 
 The Inception weights and cache checks live in :mod:`diffusion_lab.metrics.inception`, the digits extractor in
-:mod:`diffusion_lab.metrics.digits_fidelity`; their names are re-exported here (importing this module registers
-both extractors with torch-fidelity).
+:mod:`diffusion_lab.metrics.digits_fidelity` (callers import those names from there); importing this module registers
+both extractors with torch-fidelity.
 """
 
 from __future__ import annotations
@@ -40,19 +40,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffusion_lab.metrics.base import format_count
-from diffusion_lab.metrics.digits_fidelity import DigitsFeatureExtractor, digits_extractor_name
+from diffusion_lab.metrics.digits_fidelity import register_digits_extractors
 from diffusion_lab.metrics.inception import (
     INCEPTION,
-    INCEPTION_SHA256_PREFIX,
-    INCEPTION_WEIGHTS_FILE,
     INCEPTION_WEIGHTS_ONLY,
-    INCEPTION_WEIGHTS_URL,
-    FidelityCacheError,
-    InceptionWeightsError,
     WeightsOnlyInceptionV3,
     check_cache_files,
     file_digest,
-    load_inception_state_dict,
     resolve_inception_weights,
     seal_cache_files,
     verify_cache_checksums,
@@ -61,27 +55,14 @@ from diffusion_lab.metrics.prdc import DEFAULT_K
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
-    "INCEPTION",
-    "INCEPTION_SHA256_PREFIX",
-    "INCEPTION_WEIGHTS_FILE",
-    "INCEPTION_WEIGHTS_ONLY",
-    "INCEPTION_WEIGHTS_URL",
-    "DigitsFeatureExtractor",
-    "FidelityCacheError",
     "FidelityMetric",
-    "InceptionWeightsError",
     "UInt8Images",
-    "WeightsOnlyInceptionV3",
-    "check_cache_files",
-    "digits_extractor_name",
-    "file_digest",
     "images_digest",
-    "load_inception_state_dict",
-    "resolve_inception_weights",
     "to_uint8",
 ]
 
 log = logging.getLogger(__name__)
+register_digits_extractors()  # idempotent: FidelityMetric finds the digits extractors by name
 
 DEFAULT_CACHE_DIR = Path("~/.cache/diffusion_lab/fidelity")
 _CHUNK = 4096

@@ -42,11 +42,11 @@ from diffusion_lab.atomic import atomic_write_json
 from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 from diffusion_lab.records import RecordError, TypeSpec, check_record, is_number, read_record, short_repr
-from diffusion_lab.samplers.base import (
+from diffusion_lab.samplers.base import Sampler
+from diffusion_lab.samplers.grids import (
     EDM_SIGMA_MAX,
     F64,
     GridOptions,
-    Sampler,
     schedule_alpha_sigma,
     schedule_t_from_log_snr,
     sigma_range,

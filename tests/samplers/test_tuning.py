@@ -15,10 +15,9 @@ from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.records import RecordError
 from diffusion_lab.samplers import DDIMSampler, DPMSolverSampler, HeunSampler, time_grid
 from diffusion_lab.samplers import tuning as tuning_module
-from diffusion_lab.samplers.base import TUNED_GRID
+from diffusion_lab.samplers.grids import TUNED_GRID
 from diffusion_lab.samplers.tuning import (
     GRID_FORMAT,
-    FitOptions,
     LogSigmaGrid,
     fit_grid,
     grid_file,
@@ -28,6 +27,7 @@ from diffusion_lab.samplers.tuning import (
     save_grid_record,
     sigma_floor,
 )
+from diffusion_lab.schema.jobs import FitOptions
 
 F64 = torch.float64
 # Three tight, well separated components: the PF-ODE bends sharply late, so a 5-step grid has much to gain.
