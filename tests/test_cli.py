@@ -14,8 +14,8 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from diffusion_lab.cli import check_device, check_hardware
-from diffusion_lab.schema.domains import DEVICES
 from diffusion_lab.config import register_configs
+from diffusion_lab.schema.domains import DEVICES
 from diffusion_lab.schema.errors import ConfigError
 from diffusion_lab.schema.registry import CONFIG_DIR
 
