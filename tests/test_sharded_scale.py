@@ -39,6 +39,11 @@ def test_slurm_variables_give_world_size_ranks_and_the_requeue_signal(tmp_path, 
     last-checkpoint callback handles SIGUSR1 (the sbatch's --signal) by checkpointing and requeueing."""
     for key, value in SLURM_TASK_5_OF_8.items():
         monkeypatch.setenv(key, value)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GLOBAL_RANK", "WORLD_SIZE"):
+        # Lightning's SLURM environment writes MASTER_ADDR/PORT into os.environ: restore them after the test, or a
+        # later DDP test in this worker would rendezvous at the fake node gpu01 and hang.
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     cfg = compose_train(
         [*TINY_TOY, f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=4", "trainer.num_nodes=2"]
     )
@@ -101,3 +106,8 @@ def test_compile_true_trains_on_cpu_with_inductor_and_matches_eager() -> None:
     )  # fmt: skip
     trainer.fit(compiled, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=64))
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_the_slurm_test_leaves_no_rendezvous_address_behind():
+    """Runs after the SLURM tests in this module: Lightning's writes to MASTER_ADDR/MASTER_PORT were undone."""
+    assert os.environ.get("MASTER_ADDR") != "gpu01"
