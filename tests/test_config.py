@@ -85,6 +85,10 @@ def test_experiments_compose(experiment):
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
 def test_trainer_and_precision_options(trainer, precision):
     cfg = compose_train([f"trainer={trainer}", f"precision={precision}"])
+    if trainer == "fsdp" and precision == "16-mixed":  # FSDP2 has no grad scaler for sharded fp16 gradients
+        with pytest.raises(ConfigError, match=r"^precision=16-mixed with trainer.strategy=fsdp: .*valid: precision=32"):
+            validate_config(cfg)
+        return
     validate_config(cfg)
 
 
