@@ -3,8 +3,8 @@ scripts/slurm/train.sbatch, and compile=true on CPU (inductor)."""
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,12 +13,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from diffusion_lab.checkpoint_file import read_checkpoint
 from diffusion_lab.module import apply_scale_switches, build_module
-from diffusion_lab.strategies import FSDP2Strategy
-from diffusion_lab.train import build_trainer
 from tests.test_sharded import BATCH, STEPS, assert_same_training, reference
 from tests.test_train import TINY_TOY, compose_train
 
@@ -32,29 +29,47 @@ SLURM_TASK_5_OF_8 = {
 }  # fmt: skip
 
 
+SLURM_CHECK = """
+import json, signal, sys
+from pathlib import Path
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from diffusion_lab.strategies import FSDP2Strategy
+from diffusion_lab.train import build_trainer
+from tests.test_train import TINY_TOY, compose_train
+
+trainer, out = sys.argv[1], Path(sys.argv[2])
+scale = ["trainer.accelerator=cpu", "trainer.devices=4", "trainer.num_nodes=2"]
+cfg = compose_train([*TINY_TOY, f"trainer={trainer}", *scale])
+built = build_trainer(cfg, out, [])
+env = built.strategy.cluster_environment
+last = [cb for cb in built.checkpoint_callbacks if getattr(cb, "stop_signals", None)]
+print(json.dumps({
+    "slurm": isinstance(env, SLURMEnvironment), "requeue": env.auto_requeue, "address": env.main_address,
+    "ranks": [built.world_size, built.global_rank, built.local_rank, built.node_rank],
+    "fsdp2": isinstance(built.strategy, FSDP2Strategy),
+    "sigusr1": bool(last) and signal.SIGUSR1 in last[0].stop_signals,
+}))
+"""
+
+
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
-def test_slurm_variables_give_world_size_ranks_and_the_requeue_signal(tmp_path, monkeypatch, trainer):
+def test_slurm_variables_give_world_size_ranks_and_the_requeue_signal(tmp_path, trainer):
     """The command of train.sbatch (devices = tasks per node, num_nodes = nodes) under srun's variables: Lightning's
     SLURM environment yields world size 8, global rank 5, local rank 1, node rank 1 and node 1's address; the run's
-    last-checkpoint callback handles SIGUSR1 (the sbatch's --signal) by checkpointing and requeueing."""
-    for key, value in SLURM_TASK_5_OF_8.items():
-        monkeypatch.setenv(key, value)
-    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GLOBAL_RANK", "WORLD_SIZE"):
-        # Lightning's SLURM environment writes MASTER_ADDR/PORT into os.environ: restore them after the test, or a
-        # later DDP test in this worker would rendezvous at the fake node gpu01 and hang.
-        monkeypatch.setenv(key, "")
-        monkeypatch.delenv(key)
-    cfg = compose_train(
-        [*TINY_TOY, f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=4", "trainer.num_nodes=2"]
+    last-checkpoint callback handles SIGUSR1 (the sbatch's --signal) by checkpointing and requeueing. In a fresh
+    interpreter: building the trainer makes a process "rank 5" and writes MASTER_ADDR, which must not leak into the
+    tests that run after it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NODE_RANK", "LOCAL_RANK"))}
+    env |= {**SLURM_TASK_5_OF_8, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", SLURM_CHECK, trainer, str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True
     )
-    built = build_trainer(cfg, tmp_path, [])
-    env = built.strategy.cluster_environment
-    assert isinstance(env, SLURMEnvironment) and env.auto_requeue
-    assert (built.world_size, built.global_rank, built.local_rank, built.node_rank) == (8, 5, 1, 1)
-    assert env.main_address == "gpu01"
-    assert isinstance(built.strategy, FSDP2Strategy) == (trainer == "fsdp")
-    last = [cb for cb in built.checkpoint_callbacks if getattr(cb, "stop_signals", None)]
-    assert last and signal.SIGUSR1 in last[0].stop_signals  # type: ignore[attr-defined]
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {
+        "slurm": True, "requeue": True, "address": "gpu01", "ranks": [8, 5, 1, 1], "fsdp2": trainer == "fsdp",
+        "sigusr1": True,
+    }  # fmt: skip
 
 
 def free_port() -> int:
@@ -106,8 +121,3 @@ def test_compile_true_trains_on_cpu_with_inductor_and_matches_eager() -> None:
     )  # fmt: skip
     trainer.fit(compiled, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=64))
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
-
-
-def test_the_slurm_test_leaves_no_rendezvous_address_behind():
-    """Runs after the SLURM tests in this module: Lightning's writes to MASTER_ADDR/MASTER_PORT were undone."""
-    assert os.environ.get("MASTER_ADDR") != "gpu01"
