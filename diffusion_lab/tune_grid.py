@@ -117,8 +117,9 @@ def grid_record(
     cfg: DictConfig, module: DiffusionModule, sampler: Sampler, settings: dict, options: FitOptions, fit: GridFit
 ) -> dict[str, Any]:
     """The grid and its protocol, as written to the grid file."""
+    from diffusion_lab.cache_files import sha256_of
     from diffusion_lab.checkpoint_loading import load_checkpoint
-    from diffusion_lab.samplers.tuning import file_sha256, sampler_identity
+    from diffusion_lab.samplers.tuning import sampler_identity
 
     step = load_checkpoint(cfg.ckpt_path, mmap=True).get("global_step")
     labels = None if module.num_classes is None else f"cycled over 0..{module.num_classes - 1}, unguided"
@@ -130,7 +131,7 @@ def grid_record(
         "start_grid": {"name": settings.get("grid"), "grid": fit.start.tolist()},
         "checkpoint": {
             "path": str(Path(cfg.ckpt_path).resolve()),
-            "sha256": file_sha256(cfg.ckpt_path),
+            "sha256": sha256_of(cfg.ckpt_path),
             "global_step": step,
         },
         "ema": bool(cfg.use_ema),

@@ -25,7 +25,6 @@ Method (every piece below is what :func:`fit_grid` runs):
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from diffusion_lab.atomic import atomic_write_json
+from diffusion_lab.cache_files import sha256_of
 from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 from diffusion_lab.records import RecordError, TypeSpec, check_record, is_number, read_record, short_repr
@@ -263,15 +263,6 @@ def grid_file(ckpt_path: str | Path, sampler_name: str, steps: int) -> Path:
     return grid_dir(ckpt_path) / f"{sampler_name}_{steps}.json"
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sampler_identity(sampler_config: dict[str, Any]) -> dict[str, Any]:
     """The sampler settings a tuned grid belongs to: its config without ``grid`` (the start grid when fitting,
     ``tuned`` when used)."""
@@ -367,7 +358,7 @@ def _mismatches(
         problems.append(f"other sampler settings: {changed}")
     if record["ema"] != use_ema:
         problems.append(f"the {'EMA' if record['ema'] else 'raw'} weights, not the {'EMA' if use_ema else 'raw'} ones")
-    sha = file_sha256(ckpt_path)
+    sha = sha256_of(ckpt_path)
     if record["checkpoint"]["sha256"] != sha:
         ck = record["checkpoint"]
         problems.append(f"checkpoint sha256 {ck['sha256'][:16]}… (step {ck['global_step']}), but {ckpt_path} is "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_lab.cache_files import sha256_of
 from diffusion_lab.diffusion import LinearSchedule, X0Parameterization
 from diffusion_lab.diffusion.analytic import GaussianMixture, OracleNetwork
 from diffusion_lab.diffusion.denoiser import Denoiser
@@ -131,7 +132,7 @@ def write_record(tmp_path, grid: list[float], ema: bool = True):
         "sampler_name": "dpm_solver",
         "steps": 5,
         "sampler": sampler_identity({**SETTINGS, "grid": "log_snr"}),
-        "checkpoint": {"path": str(ckpt), "sha256": tuning_module.file_sha256(ckpt), "global_step": 7},
+        "checkpoint": {"path": str(ckpt), "sha256": sha256_of(ckpt), "global_step": 7},
         "ema": ema,
     }
     save_grid_record(grid_file(ckpt, "dpm_solver", 5), record)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_lab.cache_files import sha256_of
 from diffusion_lab.diffusion.analytic import GaussianMixture, OracleNetwork
 from diffusion_lab.diffusion.denoiser import Denoiser
 from diffusion_lab.diffusion.parameterizations import X0Parameterization
@@ -19,7 +20,6 @@ from diffusion_lab.samplers import tuning as tuning_module
 from diffusion_lab.samplers.dpm_solver import DPMSolverSampler
 from diffusion_lab.samplers.grids import TUNED_GRID
 from diffusion_lab.samplers.tuning import (
-    file_sha256,
     fit_grid,
     grid_file,
     load_tuned_grid,
@@ -97,7 +97,7 @@ def test_a_grid_record_without_the_checkpoint_sha256_is_refused_naming_the_file(
         "sampler_name": "dpm_solver",
         "steps": 5,
         "sampler": sampler_identity({**SETTINGS, "grid": "log_snr"}),
-        "checkpoint": {"path": str(ckpt), "sha256": file_sha256(ckpt), "global_step": 7},
+        "checkpoint": {"path": str(ckpt), "sha256": sha256_of(ckpt), "global_step": 7},
         "ema": True,
     }
     path = grid_file(ckpt, "dpm_solver", 5)
