@@ -58,6 +58,14 @@ class EMAUpdate:
         )
 
     @torch.no_grad()
+    def copy(self) -> None:
+        """Set the copy to the live weights (before EMA starts); ``n_averaged`` is unchanged."""
+        if self._pairs is None:
+            self._pairs = self._build()
+        ema_f, live_f, ema_o, live_o = self._pairs
+        torch._foreach_copy_(ema_f + ema_o, live_f + live_o)
+
+    @torch.no_grad()
     def update(self) -> None:
         """One EMA step (a copy at the first): ``E ← lerp(E, θ, 1 − decay)`` on every local tensor."""
         if self._pairs is None:

@@ -204,8 +204,7 @@ class DiffusionModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         step = self.global_step + 1  # Lightning counts this step once the hook returns
         if step <= self.ema_cfg["start_step"]:
-            # Before EMA starts, keep the copy equal to the live weights.
-            self.ema.module.load_state_dict(self.denoiser.state_dict())
+            self._ema_update.copy()  # before EMA starts, the copy equals the live weights
         else:
             self._ema_update.update()  # = self.ema.update_parameters(self.denoiser), without walking both modules
 

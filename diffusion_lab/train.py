@@ -79,7 +79,8 @@ def build_trainer(
     if loggers:
         extra.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.enable_progress_bar:  # step k/max_steps, not Lightning's "Epoch 1/-2"
-        extra.append(StepRichProgressBar() if cfg.callbacks.rich_progress else StepProgressBar())
+        # The tqdm bar redraws every 10 steps: reading its metrics syncs them to the host, ~0.6 ms a step.
+        extra.append(StepRichProgressBar() if cfg.callbacks.rich_progress else StepProgressBar(refresh_rate=10))
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer)  # type: ignore[assignment]
     trainer_kwargs["strategy"] = build_strategy(str(cfg.trainer.strategy), str(cfg.precision))
     # A sharded EMA is gathered on every rank before the grid and evaluation sample from it (on rank 0).

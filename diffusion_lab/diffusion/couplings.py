@@ -3,9 +3,9 @@
 ``independent``: the pairs as drawn (the product coupling of diffusion and plain flow matching).
 ``ot``: minibatch optimal transport (Tong et al. 2024, "Improving and Generalizing Flow-Based Generative Models
 with Minibatch Optimal Transport", §3.2; Pooladian et al. 2023): within a plan of ``n`` data points and ``n``
-source draws, the pairing that minimises ``Σ_j ‖x0_j − ε_π(j)‖²``, an exact assignment problem solved with
-``scipy.optimize.linear_sum_assignment`` (the uniform-weight OT plan between two n-point sets is a permutation,
-Birkhoff). Flow-matching texts write the pair ``(x0, x1)`` = (source, data): our ``(ε, x0)``.
+source draws, the pairing that minimises ``Σ_j ‖x0_j − ε_π(j)‖²``, an exact assignment problem solved by
+:func:`diffusion_lab.assignment.optimal_permutation` (the uniform-weight OT plan between two n-point sets is a
+permutation, Birkhoff). Flow-matching texts write the pair ``(x0, x1)`` = (source, data): our ``(ε, x0)``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from diffusion_lab.assignment import optimal_permutation
 from diffusion_lab.schema.domains import POSITIVE_INT
 
 Batch = tuple[Tensor, Tensor, Tensor | None]
@@ -39,10 +39,7 @@ def squared_distances(x0: Tensor, eps: Tensor) -> Tensor:
 
 def ot_assignment(x0: Tensor, eps: Tensor) -> Tensor:
     """The optimal permutation ``π`` (``(n,)`` long): ``ε_π(j)`` goes with ``x0_j`` and ``Σ_j C_jπ(j)`` is minimal."""
-    rows, cols = linear_sum_assignment(squared_distances(x0, eps).cpu().numpy())
-    perm = torch.empty(x0.shape[0], dtype=torch.long)
-    perm[torch.from_numpy(rows)] = torch.from_numpy(cols)
-    return perm.to(eps.device)
+    return torch.from_numpy(optimal_permutation(squared_distances(x0, eps).cpu().numpy())).to(eps.device)
 
 
 # Tong et al. 2024, Alg. 1 with the exact OT plan (their OT-CFM); C2OT (Cheng & Schwing 2025) plans over 1,024 pairs

@@ -10,9 +10,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+from diffusion_lab.assignment import optimal_permutation
 
 __all__ = [
     "DEFAULT_BANDWIDTHS",
@@ -178,10 +180,11 @@ def wasserstein2_squared(x: Tensor, y: Tensor) -> float:
     """Exact squared 2-Wasserstein distance ``W2²`` between the empirical measures of two equal-size point sets.
 
     With ``N`` points on each side and weights ``1/N`` the optimal plan is a permutation (Birkhoff–von Neumann), so
-    ``W2² = min_π (1/N) Σ_i ‖x_i − y_π(i)‖²``, solved exactly by ``scipy.optimize.linear_sum_assignment`` on the
-    float64 squared-distance matrix. This is what POT's ``ot.emd2([], [], ot.dist(x, y))`` returns (``ot.dist``'s
-    default metric is the *squared* Euclidean one); ``W2`` is its square root. Cost: an ``(N, N)`` float64 matrix
-    (800 MB at N = 10,000) and an assignment that takes about a minute at that size on one core.
+    ``W2² = min_π (1/N) Σ_i ‖x_i − y_π(i)‖²``, solved exactly by
+    :func:`diffusion_lab.assignment.optimal_permutation` (POT's network simplex) on the float64 squared-distance
+    matrix. This is what POT's ``ot.emd2([], [], ot.dist(x, y))`` returns (``ot.dist``'s default metric is the
+    *squared* Euclidean one); ``W2`` is its square root. Cost: an ``(N, N)`` float64 matrix (800 MB at N = 10,000)
+    and about 20 s at that size on one core.
 
     Args:
         x: ``(N, D)`` points. y: ``(N, D)`` points.
@@ -193,8 +196,7 @@ def wasserstein2_squared(x: Tensor, y: Tensor) -> float:
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"exact W2 needs two sets of equal size, got {x.shape[0]} and {y.shape[0]} points")
     cost = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").square_().cpu().numpy()
-    rows, cols = linear_sum_assignment(cost)
-    return float(cost[rows, cols].mean())
+    return float(cost[np.arange(cost.shape[0]), optimal_permutation(cost)].mean())
 
 
 @dataclass(frozen=True)
