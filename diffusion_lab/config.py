@@ -141,18 +141,12 @@ def validate_config(cfg: DictConfig) -> None:
 
 def check_posthoc_ema(cfg: DictConfig) -> None:
     """``ema.posthoc``: ``sigma_rel`` is what ``dlab-phema`` records in the checkpoints it writes, never a training
-    setting; the snapshots hold full weights of every rank's copy, which FSDP shards (not supported)."""
+    setting (under FSDP the profiles are sharded like the weights and gathered for each snapshot)."""
     posthoc = cfg.ema.posthoc
     if posthoc.sigma_rel is not None:
         raise ConfigError(
             f"ema.posthoc.sigma_rel={posthoc.sigma_rel} is written by dlab-phema into the checkpoints it reconstructs; "
             "valid in training: null (choose the tracked profiles with ema.posthoc.sigma_rels=[…])"
-        )
-    if posthoc.sigma_rels and str(cfg.trainer.strategy).startswith("fsdp"):
-        raise ConfigError(
-            f"ema.posthoc.sigma_rels={list(posthoc.sigma_rels)} with trainer.strategy={cfg.trainer.strategy}: post-hoc "
-            "EMA snapshots need each rank to hold the full weights; valid: trainer.strategy=auto|ddp, or "
-            "ema.posthoc.sigma_rels=[]"
         )
 
 

@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from diffusion_lab.callbacks.checkpoint import AtomicCheckpointIO
+from diffusion_lab.callbacks.phema import PowerEMASnapshots
 from diffusion_lab.checkpoint_file import read_checkpoint
 from diffusion_lab.config import register_configs
 from diffusion_lab.module import DiffusionModule, build_module
@@ -28,6 +29,7 @@ from diffusion_lab.strategies import FSDP2Strategy
 
 TINY_TOY = ["experiment=toy2d", "model.hidden=32", "model.num_layers=2", "optim.warmup_steps=0", "ema.decay=0.5"]
 EXAMPLES = 64
+SIGMA_RELS = [0.05, 0.10]  # post-hoc EMA profiles tracked in every run (a snapshot every 16 images)
 
 
 class FixedDrawModule(DiffusionModule):
@@ -86,6 +88,7 @@ def run(
         precision="32-true" if precision == "32" else precision, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0,
         limit_val_batches=0, plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+        callbacks=[PowerEMASnapshots(SIGMA_RELS, 16, out / f"{mode}_phema")],
     )  # fmt: skip
     dataset = rank_share(data(dtype), batch, trainer.world_size)
     done = int(read_checkpoint(resume)["global_step"]) if resume is not None else 0

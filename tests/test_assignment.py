@@ -66,7 +66,7 @@ def test_a_solver_stopped_before_optimality_is_an_error(monkeypatch):
 
 
 def test_a_plan_that_is_not_a_permutation_is_an_error(monkeypatch):
-    def uniform_plan(a, b, cost, numItermax, log):  # noqa: N803 - POT's keyword
+    def uniform_plan(a, b, cost, numItermax, log):
         return np.full(cost.shape, 1.0 / cost.size), {"result_code": 1, "warning": None}
 
     monkeypatch.setattr(assignment, "emd", uniform_plan)

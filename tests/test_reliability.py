@@ -221,6 +221,45 @@ def test_ddp_sigterm_to_rank_zero_checkpoints_on_every_rank_and_resumes_exactly(
     assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
 
 
+@pytest.mark.slow  # three 2-process FSDP2 launches (~1 min each on 2 idle cores)
+def test_fsdp_run_sigkilled_with_its_process_group_resumes_bit_identical(tmp_path):
+    """trainer=fsdp on 2 CPU processes (gloo), the whole job SIGKILLed (both ranks, as a scheduler or a node loss
+    does) after its first checkpoint: the same command resumes from the consolidated last.ckpt and ends with exactly
+    the raw and EMA weights and optimizer moments of an uninterrupted FSDP2 run. No lock or temp file is left."""
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "dataset.batch_size=64",
+            "callbacks.checkpoint_every_n_steps=4", "trainer.max_steps=24", *QUIET[2:3]]  # fmt: skip
+    args = [a for a in RESUME_ARGS if not a.startswith(("trainer.max_steps", "dataset.batch_size", "callbacks."))]
+
+    def cmd(run_dir):
+        return [sys.executable, "-m", "diffusion_lab.train", *args, *fsdp, f"hydra.run.dir={run_dir}"]
+
+    run_dir, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with open(tmp_path / "victim.log", "w") as output:
+        victim = subprocess.Popen(
+            cmd(run_dir), env=_env(), stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 300
+        while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        os.killpg(victim.pid, signal.SIGKILL)  # rank 0 and the rank-1 process it launched
+        assert victim.wait(timeout=60) == -signal.SIGKILL, (tmp_path / "victim.log").read_text()[-3000:]
+    killed_at = load_checkpoint(last)["global_step"]
+    assert 4 <= killed_at < 24 and killed_at % 4 == 0
+    for run in (run_dir, tmp_path / "ref"):
+        proc = subprocess.run(cmd(run), env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (load_checkpoint(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "ref", run_dir))
+    assert a["global_step"] == b["global_step"] == 24
+    assert any(k.startswith("ema.module.") for k in a["state_dict"])
+    different = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not different, f"killed at step {killed_at}; differing tensors: {different}"
+    opt_a, opt_b = (c["optimizer_states"][0]["state"] for c in (a, b))
+    assert opt_a.keys() == opt_b.keys() and opt_a
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
 def test_fewer_examples_per_rank_than_a_batch_is_a_clear_error(tmp_path):
     """Instead of a run of zero steps: 512 examples over 2 ranks cannot fill a 300-example batch."""
     from diffusion_lab.callbacks.exact_resume import check_batches_per_rank

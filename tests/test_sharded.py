@@ -75,6 +75,27 @@ def assert_same_training(got: dict, want: dict, atol: float = 1e-10, rtol: float
     assert len(m_got) == len(m_want) > 0
     for a, b in zip(m_got, m_want, strict=True):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    # Post-hoc EMA (two power profiles, fp32 by design): full tensors in the checkpoint, as one process has them.
+    ph_got, ph_want = got["callbacks"]["PowerEMASnapshots"], want["callbacks"]["PowerEMASnapshots"]
+    assert ph_got["nimg"] == ph_want["nimg"] == STEPS * 2 * BATCH and len(ph_want["emas"]) == 2
+    for ema_got, ema_want in zip(ph_got["emas"], ph_want["emas"], strict=True):
+        assert sorted(ema_got) == sorted(ema_want) and ema_want
+        for key, value in ema_want.items():
+            assert ema_got[key].shape == value.shape, key  # gathered, not one rank's shard
+            torch.testing.assert_close(ema_got[key], value, atol=max(atol, 1e-6), rtol=max(rtol, 1e-6), msg=key)
+
+
+def assert_same_snapshots(got_dir: Path, want_dir: Path) -> None:
+    """The fp16 snapshot files (rank 0's, full weights) of a sharded run equal one process's, file by file."""
+    got, want = sorted(p.name for p in got_dir.iterdir()), sorted(p.name for p in want_dir.iterdir())
+    assert got == want and len(want) == STEPS
+    for name in want:
+        a, b = read_checkpoint(got_dir / name), read_checkpoint(want_dir / name)
+        assert a["nimg"] == b["nimg"]
+        for ema_a, ema_b in zip(a["emas"], b["emas"], strict=True):
+            for key, value in ema_b.items():
+                assert ema_a[key].dtype == torch.float16 and ema_a[key].shape == value.shape
+                torch.testing.assert_close(ema_a[key], value, atol=1e-3, rtol=1e-3, msg=key)
 
 
 @pytest.mark.parametrize("mode", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
@@ -83,6 +104,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path: Path, mo
     checkpoint is one consolidated file of plain full-shape tensors, so one process loads it as it is."""
     got, want = launch(tmp_path, mode), reference(tmp_path)
     assert_same_training(got, want)
+    assert_same_snapshots(tmp_path / f"{mode}_phema", tmp_path / "single_phema")
     for key, value in got["state_dict"].items():
         assert type(value) is torch.Tensor and value.shape == want["state_dict"][key].shape, key
 

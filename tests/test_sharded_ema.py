@@ -58,3 +58,20 @@ def test_a_loaded_counter_is_read_again_after_reset() -> None:
         live.lin.weight.fill_(3.0)
     update.update()
     assert torch.equal(ema.module.lin.weight, live.lin.weight)  # copied, not averaged
+
+
+def test_copy_sets_every_tensor_to_the_live_one_and_keeps_the_counter() -> None:
+    """Before EMA starts the copy follows the live weights exactly (parameters and buffers, integer ones included)
+    and n_averaged stays 0, so the first real update after the start copies again (AveragedModel's rule)."""
+    gen, live = torch.Generator().manual_seed(1), Net()
+    ema = AveragedModel(live, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    update = EMAUpdate(ema, live, 0.5)
+    for _ in range(2):
+        perturb(live, gen)
+        update.copy()
+        for (name, a), b in zip(ema.module.state_dict().items(), live.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    assert int(ema.n_averaged) == 0
+    perturb(live, gen)
+    update.update()  # n_averaged 0: a copy, then the counter moves
+    assert torch.equal(ema.module.lin.weight, live.lin.weight) and int(ema.n_averaged) == 1

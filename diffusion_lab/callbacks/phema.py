@@ -8,7 +8,10 @@ training, rank 0 writes ``<run>/phema/snapshots/phema-<images>.pt``: the EMAs in
 checksums, atomically (:mod:`diffusion_lab.checkpoint_file`). ``dlab-phema`` combines them into checkpoints.
 
 Under DDP every rank holds the full weights and the same EMAs (the updates are identical), so rank 0's snapshot is
-the full state. The EMAs are part of the callback's checkpoint state, so a resumed run continues them exactly.
+the full state. Under FSDP (``trainer=fsdp``) each profile is sharded like the weight it tracks (a ``DTensor`` of the
+same placement) and updated shard-locally, with no communication per step; a snapshot and a checkpoint gather the
+full tensors once (a collective every rank joins), and rank 0 writes them. The EMAs are part of the callback's
+checkpoint state (full tensors, resharded on load), so a resumed run continues them exactly, at any world size.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from diffusion_lab.checkpoint_file import atomic_torch_save, with_checksum
+from diffusion_lab.ema import local
 from diffusion_lab.module import DiffusionModule
 from diffusion_lab.phema import power_beta, sigma_rel_to_gamma
 
@@ -65,9 +70,9 @@ class PowerEMASnapshots(L.Callback):
                     "EMA state: the power-function profiles start at training image 0, so they cannot begin now; "
                     "resume with ema.posthoc.sigma_rels=[] or start a new run"
                 )
-            self.emas = [{k: p.detach().float().clone() for k, p in params.items()} for _ in self.sigma_rels]
+            self.emas = [{k: _shard_like(_full(p.detach()), p) for k, p in params.items()} for _ in self.sigma_rels]
         else:
-            self.emas = [{k: v.to(params[k].device, torch.float32) for k, v in ema.items()} for ema in self.emas]
+            self.emas = [{k: _shard_like(v, params[k]) for k, v in ema.items()} for ema in self.emas]
         self.step = trainer.global_step
 
     def on_train_batch_end(
@@ -89,19 +94,22 @@ class PowerEMASnapshots(L.Callback):
 
     @torch.no_grad()
     def update(self, params: dict[str, Tensor], delta: int) -> None:
-        """One EMA step of every profile: ``θ̂ ← β θ̂ + (1 − β) θ`` with β of Karras et al. 2024 eq. 127."""
+        """One EMA step of every profile: ``θ̂ ← β θ̂ + (1 − β) θ`` with β of Karras et al. 2024 eq. 127 (on this
+        rank's shards under FSDP)."""
         assert self.emas is not None
         for gamma, ema in zip(self.gammas, self.emas, strict=True):
-            live = [params[name].detach().to(value.dtype) for name, value in ema.items()]
-            torch._foreach_lerp_(list(ema.values()), live, 1.0 - power_beta(gamma, self.nimg, delta))
+            live = [local(params[name]).detach().to(value.dtype) for name, value in ema.items()]
+            torch._foreach_lerp_([local(v) for v in ema.values()], live, 1.0 - power_beta(gamma, self.nimg, delta))
 
     # ---------------------------------------------------------------------------------------------- snapshots
     def snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
-        """Write the EMAs (fp16) and the live buffers at ``nimg`` (rank 0; returns the path there, else None)."""
+        """Write the EMAs (fp16) and the live buffers at ``nimg`` (rank 0; returns the path there, else None).
+        Every rank calls it at the same step: under FSDP the full tensors are gathered first."""
         self.last_snapshot = self.nimg
+        assert self.emas is not None
+        emas = [{k: _full(v).to("cpu", torch.float16) for k, v in ema.items()} for ema in self.emas]
         if not trainer.is_global_zero:
             return None
-        assert self.emas is not None
         denoiser = _denoiser(pl_module)
         params = {k for k, _ in denoiser.named_parameters()}
         record = {
@@ -109,7 +117,7 @@ class PowerEMASnapshots(L.Callback):
             "nimg": self.nimg,
             "step": self.step,
             "sigma_rels": list(self.sigma_rels),
-            "emas": [{k: v.detach().to("cpu", torch.float16) for k, v in ema.items()} for ema in self.emas],
+            "emas": emas,
             "buffers": {k: v.detach().cpu() for k, v in denoiser.state_dict().items() if k not in params},
         }
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
@@ -118,12 +126,13 @@ class PowerEMASnapshots(L.Callback):
         return path
 
     def state_dict(self) -> dict[str, Any]:
-        """The EMAs (fp32) and the clock, saved in every checkpoint so that a resume continues them."""
+        """The EMAs (fp32, full tensors: gathered under FSDP, on every rank) and the clock, saved in every checkpoint
+        so that a resume continues them."""
         return {
             "sigma_rels": list(self.sigma_rels),
             "nimg": self.nimg,
             "last_snapshot": self.last_snapshot,
-            "emas": [{k: v.cpu() for k, v in ema.items()} for ema in self.emas or []],
+            "emas": [{k: _full(v).cpu() for k, v in ema.items()} for ema in self.emas or []],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -134,6 +143,19 @@ class PowerEMASnapshots(L.Callback):
             )
         self.nimg, self.last_snapshot = int(state_dict["nimg"]), int(state_dict["last_snapshot"])
         self.emas = [dict(ema) for ema in state_dict["emas"]]
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor: a sharded ``DTensor`` gathered from every rank (a collective), else ``t`` itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shard_like(full: Tensor, param: Tensor) -> Tensor:
+    """An fp32 copy of ``full`` placed like ``param``: sharded the same way for a ``DTensor`` (the shard of this
+    rank, from ``full`` which every rank holds), else a plain tensor on its device."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(local(param).device, torch.float32), param.device_mesh, param.placements)
+    return full.to(param.device, torch.float32, copy=True)
 
 
 def _denoiser(pl_module: L.LightningModule) -> torch.nn.Module:
