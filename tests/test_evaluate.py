@@ -284,3 +284,26 @@ def test_evaluate_refuses_a_bad_inception_file_before_sampling(
     with pytest.raises(InceptionWeightsError, match=rf"metrics\.inception_weights: {re.escape(str(weights))}"):
         run(cfg, tmp_path)
     assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_bits_per_dim_of_a_non_gaussian_prior_checkpoint_is_refused_before_any_work(tmp_path_factory, tmp_path):
+    """A flow trained from C2OT's 8 Gaussians: the ELBO and the PF-ODE likelihood assume ε ~ N(0, I), so
+    ``scores=[bpd]`` is refused naming the checkpoint and the reason, and nothing is written; sample scores run."""
+    from diffusion_lab.evaluate import run
+    from diffusion_lab.schema.errors import ConfigError
+    from diffusion_lab.train import train
+
+    tiny = ["experiment=c2ot_fig1_fm", "dataset.num_train=512", "dataset.num_val=64", "dataset.batch_size=64",
+            "model.hidden=16", "model.num_blocks=1", "logger=csv", "callbacks.grid_samples=0", "eval.num_samples=0",
+            "trainer.max_steps=3", "callbacks.checkpoint_every_n_steps=3", "callbacks.sample_every_n_steps=3",
+            "trainer.enable_progress_bar=false"]  # fmt: skip
+    run_dir = tmp_path_factory.mktemp("c2ot")
+    train(_compose("train", tiny), run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError) as err:
+        run(_compose("evaluate", [f"ckpt_path={ckpt}", "scores=[toy2d,bpd]", "num_samples=16"]), tmp_path)
+    assert f"scores=['bpd']: {ckpt} has a non-Gaussian prior, and bits/dim needs a Gaussian prior" in str(err.value)
+    assert not (tmp_path / "evaluation.json").exists()
+    overrides = ["scores=[toy2d]", "sampler=euler", "sampler.steps=2", "sampler.grid=uniform", "num_samples=16"]
+    results = run(_compose("evaluate", [f"ckpt_path={ckpt}", *overrides]), tmp_path, overrides)
+    assert results["val/sliced_wasserstein@16_nfe2"] > 0
