@@ -5,7 +5,7 @@ through the project's module and strategy (``trainer=fsdp`` is :class:`diffusion
 ``--steps`` steps with ``--batch`` examples per process; per process it reports the median step time after
 ``--warmup`` steps, the resident-set high-water mark, and the bytes of parameters, EMA copy and AdamW state that
 process holds (for FSDP2 its shards: about 1/N of the 1-process figure). One JSON line, written to
-``benchmarks/results/sharded_train.json``; ratios are against the 1-process run of the same invocation.
+``benchmarks/results/sharded_train.json`` (``sharded_train_unet.json`` for ``--model unet``); ratios are against the 1-process run of the same invocation.
 
     OMP_NUM_THREADS=1 uv run python benchmarks/sharded_train.py                 # digits UNet
     OMP_NUM_THREADS=1 uv run python benchmarks/sharded_train.py --model unet --batch 4 --steps 6
@@ -121,8 +121,9 @@ def main() -> None:
         train(args)
         return
     result = drive(args)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out = RESULTS if args.model == "unet_digits" else RESULTS.with_name(f"sharded_train_{args.model}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
 
