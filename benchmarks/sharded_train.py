@@ -5,7 +5,8 @@ through the project's module and strategy (``trainer=fsdp`` is :class:`diffusion
 ``--steps`` steps with ``--batch`` examples per process; per process it reports the median step time after
 ``--warmup`` steps, the resident-set high-water mark, and the bytes of parameters, EMA copy and AdamW state that
 process holds (for FSDP2 its shards: about 1/N of the 1-process figure). One JSON line, written to
-``benchmarks/results/sharded_train.json`` (``sharded_train_unet.json`` for ``--model unet``); ratios are against the 1-process run of the same invocation.
+``benchmarks/results/sharded_train.json`` (``sharded_train_unet.json`` for ``--model unet``); ratios are against the
+1-process run of the same invocation.
 
     OMP_NUM_THREADS=1 uv run python benchmarks/sharded_train.py                 # digits UNet
     OMP_NUM_THREADS=1 uv run python benchmarks/sharded_train.py --model unet --batch 4 --steps 6
