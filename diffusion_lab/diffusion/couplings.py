@@ -5,18 +5,27 @@
 with Minibatch Optimal Transport", §3.2; Pooladian et al. 2023): within a plan of ``n`` data points and ``n``
 source draws, the pairing that minimises ``Σ_j ‖x0_j − ε_π(j)‖²``, an exact assignment problem solved by
 :func:`diffusion_lab.assignment.optimal_permutation` (the uniform-weight OT plan between two n-point sets is a
-permutation, Birkhoff). Flow-matching texts write the pair ``(x0, x1)`` = (source, data): our ``(ε, x0)``.
+permutation, Birkhoff); or, with ``solver=sinkhorn``, the entropic plan (Cuturi 2013) on the cost scaled to a
+maximum of 1, from which ``n`` pairs are drawn with replacement (Tong et al.'s torchcfm does the same). Flow-matching
+texts write the pair ``(x0, x1)`` = (source, data): our ``(ε, x0)``.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
+import numpy as np
 import torch
+from ot.bregman import sinkhorn_knopp
 from torch import Tensor
 
 from diffusion_lab.assignment import optimal_permutation
-from diffusion_lab.schema.domains import POSITIVE_INT
+from diffusion_lab.schema.choices import OTSolver, values
+from diffusion_lab.schema.domains import FINITE_POSITIVE, POSITIVE_INT
+
+OT_SOLVERS = values(OTSolver)
+SINKHORN_ITERATIONS = 10_000  # Sinkhorn–Knopp iterations at most; a plan whose marginals are still off is refused
+SINKHORN_TOLERANCE = 1e-6  # largest column-marginal error accepted, relative to 1/n
 
 Batch = tuple[Tensor, Tensor, Tensor | None]
 
@@ -42,6 +51,29 @@ def ot_assignment(x0: Tensor, eps: Tensor) -> Tensor:
     return torch.from_numpy(optimal_permutation(squared_distances(x0, eps).cpu().numpy())).to(eps.device)
 
 
+def entropic_plan(x0: Tensor, eps: Tensor, reg: float) -> Tensor:
+    """The entropic OT plan ``(n, n)`` float64 between the uniform measures on ``x0`` and ``ε`` (Cuturi 2013):
+    ``argmin_P ⟨P, C⟩ − reg·H(P)`` with ``C`` the squared distances divided by their maximum, by POT's
+    Sinkhorn–Knopp iterations. Rows and columns each sum to ``1/n``; below ``reg`` ≈ 0.002 the kernel
+    ``exp(−C/reg)`` underflows and the marginal check refuses the plan.
+
+    Raises:
+        RuntimeError: the iterations ended with a column marginal off by more than ``SINKHORN_TOLERANCE / n``.
+    """
+    cost = squared_distances(x0, eps).cpu().numpy()
+    cost = cost / max(float(cost.max()), np.finfo(np.float64).tiny)
+    n = cost.shape[0]
+    weights = np.full(n, 1.0 / n)
+    plan = sinkhorn_knopp(weights, weights, cost, reg, numItermax=SINKHORN_ITERATIONS, stopThr=1e-9, warn=False)
+    error = float(np.abs(plan.sum(axis=0) - 1.0 / n).max()) * n
+    if not error <= SINKHORN_TOLERANCE:
+        raise RuntimeError(
+            f"coupling.solver=sinkhorn with coupling.reg={reg} did not converge on {n} pairs in {SINKHORN_ITERATIONS} "
+            f"iterations (marginal error {error:.2e} relative to 1/n); raise coupling.reg or use coupling.solver=exact"
+        )
+    return torch.from_numpy(plan)
+
+
 # Tong et al. 2024, Alg. 1 with the exact OT plan (their OT-CFM); C2OT (Cheng & Schwing 2025) plans over 1,024 pairs
 # and trains on them in four steps of 256 (plan_size = 4 × batch).
 class OTCoupling:
@@ -57,14 +89,29 @@ class OTCoupling:
 
     name = "ot"
 
-    def __init__(self, plan_size: Annotated[int | None, POSITIVE_INT.or_null("the training batch")] = None) -> None:
-        self.plan_size = plan_size
+    def __init__(
+        self,
+        plan_size: Annotated[int | None, POSITIVE_INT.or_null("the training batch")] = None,
+        solver: OTSolver | str = OTSolver.exact,
+        reg: Annotated[float, FINITE_POSITIVE] = 0.05,
+    ) -> None:
+        solver = getattr(solver, "value", solver)  # a config enum member -> its name
+        if solver not in OT_SOLVERS:
+            raise ValueError(f"unknown coupling.solver {solver!r}; valid choices: {list(OT_SOLVERS)}")
+        self.plan_size, self.solver, self.reg = plan_size, solver, float(reg)
         self._kept: list[Batch] = []
         self._ready: list[Batch] = []
 
     def pair(self, x0: Tensor, eps: Tensor, y: Tensor | None) -> Batch:
-        """The batch with ``ε`` reordered by :func:`ot_assignment` (``x0`` and ``y`` keep their order)."""
-        return x0, eps[ot_assignment(x0, eps)], y
+        """``exact``: the batch with ``ε`` reordered by :func:`ot_assignment` (``x0`` and ``y`` keep their order).
+        ``sinkhorn``: ``n`` index pairs ``(i, j)`` drawn with replacement from :func:`entropic_plan` (the global
+        torch RNG, which a resumed run restores), returned as ``(x0_i, ε_j, y_i)``."""
+        if self.solver == OTSolver.exact.value:
+            return x0, eps[ot_assignment(x0, eps)], y
+        n = x0.shape[0]
+        flat = torch.multinomial(entropic_plan(x0, eps, self.reg).flatten(), n, replacement=True)
+        rows, cols = (flat // n).to(x0.device), (flat % n).to(x0.device)
+        return x0[rows], eps[cols], None if y is None else y[rows]
 
     def __call__(self, x0: Tensor, eps: Tensor, y: Tensor | None, stream: bool = False) -> Batch:
         """The coupled batch ``(x0 (B, ...), ε (B, ...), y (B,) | None)``; ``stream``: a training step."""

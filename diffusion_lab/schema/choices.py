@@ -57,6 +57,11 @@ class RKMethod(str, Enum):
     DOP853 = "DOP853"
 
 
+class OTSolver(str, Enum):
+    exact = "exact"  # the optimal permutation (network simplex): each data point keeps exactly one source draw
+    sinkhorn = "sinkhorn"  # entropic OT (Cuturi 2013), pairs drawn from the plan with replacement (as torchcfm)
+
+
 class MNISTResize(str, Enum):
     pad = "pad"  # 2 background pixels on each side: 28 -> 32, digits pixel-exact
     resize = "resize"  # bilinear (antialiased) 28 -> 32, rounded to 8 bits
