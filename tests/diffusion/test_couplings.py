@@ -148,6 +148,39 @@ def test_an_unknown_solver_and_an_unconverged_plan_are_refused(monkeypatch):
         OTCoupling(solver="sinkhorn", reg=0.001)(x0, eps, None)
 
 
+def test_a_plan_with_one_column_marginal_off_by_1e_5_is_refused(monkeypatch):
+    """The check reads the worst column, relative to 1/n: one column off by 1e-5·(1/n) of 64 is refused, naming
+    the error and the way out; the same plan exact is accepted."""
+    import diffusion_lab.diffusion.couplings as couplings
+
+    n, x0, eps = 64, *c2ot_pair(64, 5)
+    uniform = torch.full((n, n), 1.0 / n**2, dtype=torch.float64).numpy()
+    off = uniform.copy()
+    off[0, 0] += 1e-5 / n
+    for plan, ok in ((uniform, True), (off, False)):
+        monkeypatch.setattr(couplings, "sinkhorn_knopp", lambda *a, plan=plan, **k: plan)
+        if ok:
+            assert torch.equal(couplings.entropic_plan(x0, eps, 0.05), torch.from_numpy(uniform))
+            continue
+        with pytest.raises(RuntimeError, match=r"marginal error 1\.00e-05 relative to 1/n\); raise coupling.reg or "
+                           r"use coupling.solver=exact"):  # fmt: skip
+            couplings.entropic_plan(x0, eps, 0.05)
+
+
+def test_pairs_are_drawn_with_replacement_as_iid_draws_from_the_plan():
+    """Four far-apart pairs and a small reg: the plan is ≈ a permutation/4, so i.i.d. draws of 4 pairs repeat one in
+    1 − 4!/4⁴ ≈ 0.906 of the batches (drawing without replacement never would)."""
+    x0 = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    eps = x0 + 0.1
+    coupling = OTCoupling(solver="sinkhorn", reg=0.01)
+    torch.manual_seed(0)
+    repeats = 0
+    for _ in range(400):
+        out_x0, _, _ = coupling(x0, eps, None)
+        repeats += len({tuple(r) for r in out_x0.tolist()}) < 4
+    assert 0.86 <= repeats / 400 <= 0.95
+
+
 def test_a_reg_too_small_for_the_kernel_is_refused_not_turned_into_nan_pairs():
     x0, eps = c2ot_pair(64, 4)
     with pytest.raises(RuntimeError, match=r"coupling.reg=0.0001 did not converge on 64 pairs"):
