@@ -57,22 +57,23 @@ class EMAUpdate:
             [w for w, f in zip(live, is_float, strict=True) if not f],
         )
 
+    def _lists(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        if self._pairs is None:
+            self._pairs = self._build()
+        return self._pairs
+
     @torch.no_grad()
     def copy(self) -> None:
         """Set the copy to the live weights (before EMA starts); ``n_averaged`` is unchanged."""
-        if self._pairs is None:
-            self._pairs = self._build()
-        ema_f, live_f, ema_o, live_o = self._pairs
+        ema_f, live_f, ema_o, live_o = self._lists()
         torch._foreach_copy_(ema_f + ema_o, live_f + live_o)
 
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step (a copy at the first): ``E ← lerp(E, θ, 1 − decay)`` on every local tensor."""
-        if self._pairs is None:
-            self._pairs = self._build()
-        ema_f, live_f, ema_o, live_o = self._pairs
+        ema_f, live_f, ema_o, live_o = self._lists()  # (re)reads the counter when the lists are (re)built
         if self._count == 0:
-            torch._foreach_copy_(ema_f + ema_o, live_f + live_o)
+            self.copy()
         else:
             if ema_f:
                 torch._foreach_lerp_(ema_f, live_f, 1 - self.decay)

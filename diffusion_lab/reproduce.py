@@ -190,6 +190,16 @@ def run_dir(root: Path, row: Row, seed: int) -> Path:
     return root / "train" / f"{row.name}_seed{seed}"
 
 
+def last_checkpoint(root: Path, row: Row, seed: int) -> Path:
+    """The last checkpoint of the training run of ``row`` at ``seed``."""
+    return run_dir(root, row, seed) / "checkpoints" / "last.ckpt"
+
+
+def checkpoint_key(path: str | Path) -> str:
+    """A checkpoint's key among evaluation records: its resolved path (records may hold it relative or absolute)."""
+    return str(Path(path).resolve())
+
+
 def train_command(root: Path, row: Row, seeds: Sequence[int], launcher: str) -> list[str]:
     """The ``dlab-train -m`` multirun of ``row`` over ``seeds``."""
     return [
@@ -216,7 +226,7 @@ def evaluated(root: Path, column: Column) -> dict[str, dict[str, Any]]:
     found = {}
     for path in sorted((root / "evaluate" / column.name).rglob(EVALUATION_FILE)):
         record = json.loads(path.read_text(encoding="utf-8"))
-        found[str(Path(record["checkpoint"]).resolve())] = record  # relative or absolute, one key
+        found[checkpoint_key(record["checkpoint"])] = record
     return found
 
 
@@ -231,8 +241,8 @@ def run_all(preset: Preset, root: Path, seeds: Sequence[int], launcher: str) -> 
             continue
         done = evaluated(root, column)
         for row in preset.rows:
-            ckpts = [run_dir(root, row, s) / "checkpoints" / "last.ckpt" for s in seeds]
-            pending = [c for c in ckpts if c.is_file() and str(c.resolve()) not in done]
+            ckpts = [last_checkpoint(root, row, s) for s in seeds]
+            pending = [c for c in ckpts if c.is_file() and checkpoint_key(c) not in done]
             if pending:
                 subprocess.run(evaluate_command(root, column, row, pending, launcher), check=True)
 
@@ -263,8 +273,7 @@ def collect(preset: Preset, root: Path, seeds: Sequence[int]) -> dict[tuple[str,
                 rdir = run_dir(root, row, seed)
                 if column.evaluate is None and (rdir / SUMMARY_FILE).is_file():
                     cell[seed] = read_metric(_summary_metrics(rdir / SUMMARY_FILE), column.key, rdir / SUMMARY_FILE)
-                elif str((rdir / "checkpoints" / "last.ckpt").resolve()) in done:
-                    record = done[str((rdir / "checkpoints" / "last.ckpt").resolve())]
+                elif (record := done.get(checkpoint_key(last_checkpoint(root, row, seed)))) is not None:
                     cell[seed] = read_metric(record, column.key, f"evaluation of {rdir}")
     return values
 

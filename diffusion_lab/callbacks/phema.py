@@ -70,7 +70,8 @@ class PowerEMASnapshots(L.Callback):
                     "EMA state: the power-function profiles start at training image 0, so they cannot begin now; "
                     "resume with ema.posthoc.sigma_rels=[] or start a new run"
                 )
-            self.emas = [{k: _shard_like(_full(p.detach()), p) for k, p in params.items()} for _ in self.sigma_rels]
+            # An fp32 clone of each weight (of its shard: a DTensor clones shard-locally, keeping its placement).
+            self.emas = [{k: p.detach().float().clone() for k, p in params.items()} for _ in self.sigma_rels]
         else:
             self.emas = [{k: _shard_like(v, params[k]) for k, v in ema.items()} for ema in self.emas]
         self.step = trainer.global_step
@@ -107,7 +108,7 @@ class PowerEMASnapshots(L.Callback):
         Every rank calls it at the same step: under FSDP the full tensors are gathered first."""
         self.last_snapshot = self.nimg
         assert self.emas is not None
-        emas = [{k: _full(v).to("cpu", torch.float16) for k, v in ema.items()} for ema in self.emas]
+        emas = [{k: _full(v) for k, v in ema.items()} for ema in self.emas]  # a collective under FSDP: every rank
         if not trainer.is_global_zero:
             return None
         denoiser = _denoiser(pl_module)
@@ -117,7 +118,7 @@ class PowerEMASnapshots(L.Callback):
             "nimg": self.nimg,
             "step": self.step,
             "sigma_rels": list(self.sigma_rels),
-            "emas": emas,
+            "emas": [{k: v.detach().to("cpu", torch.float16) for k, v in ema.items()} for ema in emas],
             "buffers": {k: v.detach().cpu() for k, v in denoiser.state_dict().items() if k not in params},
         }
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
