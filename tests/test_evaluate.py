@@ -30,6 +30,7 @@ def test_metric_key_keeps_a_protocol_carrying_name() -> None:
     assert metric_key("val", "fid_floor@1k", 1000, 50, "_cfg3") == "val/fid_floor@1k"
 
 
+ROOT = Path(__file__).resolve().parents[1]
 DDP_SCRIPT = """
 import sys
 from pathlib import Path
@@ -80,21 +81,27 @@ if __name__ == "__main__":
 """
 
 
+def assert_sharded_generation_equals_single(script_text: str, tmp_path: Path, n: int = 11) -> None:
+    """Run a 2-rank evaluation script (:data:`DDP_SCRIPT` or a variant of it) with ``n`` samples: rank 0 holds exactly
+    ``n`` unique samples, equal to one process sampling all ``n``."""
+    script = tmp_path / "sharded_eval.py"
+    script.write_text(textwrap.dedent(script_text))
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(n), *TINY_TOY],
+        capture_output=True, text=True, timeout=500, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sharded, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
+    assert sharded.shape == (n, 2) and len(torch.unique(sharded, dim=0)) == n
+    torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow  # ~80 s on 2 shared cores: three Python processes import torch + Lightning
 def test_ddp_sharded_generation_equals_single_process(tmp_path: Path) -> None:
     """2 CPU ranks (gloo): exactly N unique samples on rank 0, equal to the single-process set."""
-    script = tmp_path / "ddp_eval.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT))
     n = 11  # odd: one rank has a padded shard
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(n), *TINY_TOY],
-        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
-    assert ddp.shape == (n, 2) and len(torch.unique(ddp, dim=0)) == n
-    torch.testing.assert_close(ddp, single, rtol=1e-5, atol=1e-6)
+    assert_sharded_generation_equals_single(DDP_SCRIPT, tmp_path, n)
     results = torch.load(tmp_path / "results.pt")
     assert results["val/n@11_nfe2"] == n
 

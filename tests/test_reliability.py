@@ -91,6 +91,25 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
+def _two_process_cmd(trainer: str, run_dir: Path, steps: int) -> list[str]:
+    """dlab-train on RESUME_ARGS's data and model with ``trainer=<trainer>`` on 2 CPU processes, batch 64 each and a
+    checkpoint every 4 steps, for ``steps`` steps into ``run_dir``."""
+    args = [a for a in RESUME_ARGS if not a.startswith(("trainer.max_steps", "dataset.batch_size", "callbacks."))]
+    two = [f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=2", "dataset.batch_size=64",
+           "callbacks.checkpoint_every_n_steps=4", f"trainer.max_steps={steps}", *QUIET[2:3]]  # fmt: skip
+    return [sys.executable, "-m", "diffusion_lab.train", *args, *two, f"hydra.run.dir={run_dir}"]
+
+
+def _after_first_checkpoint(victim: subprocess.Popen, last: Path, signal_it, timeout: float) -> None:
+    """Wait until ``last`` exists (or the run ends, or ``timeout`` s pass), then a moment more (somewhere after the
+    first checkpoint, usually mid-epoch), then call ``signal_it()``."""
+    deadline = time.monotonic() + timeout
+    while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    signal_it()
+
+
 def test_stop_and_resume_in_process_is_bit_identical(tmp_path):
     """Fast variant: stop after 7 steps (mid-epoch, 8 batches per epoch), resume to 20 across the epoch
     boundary; every raw/EMA tensor equals an uninterrupted 20-step run's."""
@@ -132,14 +151,9 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, signum):
     victim = subprocess.Popen(_train_cmd(run_dir), env=_env(), stdout=output, stderr=subprocess.STDOUT)
     last = run_dir / "checkpoints" / "last.ckpt"
 
-    def kill_after_first_checkpoint():
-        deadline = time.monotonic() + 240
-        while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.05)  # somewhere after the first checkpoint, usually mid-epoch
-        victim.send_signal(signum)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint)
+    killer = threading.Thread(
+        target=_after_first_checkpoint, args=(victim, last, lambda: victim.send_signal(signum), 240)
+    )
     killer.start()
     train(compose_train(RESUME_ARGS), tmp_path / "ref")  # the uninterrupted reference
     killer.join()
@@ -195,26 +209,17 @@ def test_ddp_stop_and_resume_is_bit_identical_with_a_random_stream_per_rank(tmp_
 def test_ddp_sigterm_to_rank_zero_checkpoints_on_every_rank_and_resumes_exactly(tmp_path):
     """SIGTERM to rank 0 only of a 2-process DDP run: both ranks agree on the step (all-reduce), write last.ckpt
     of it together (no deadlock), exit 143, and resuming equals an uninterrupted run."""
-    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "dataset.batch_size=64",
-           "callbacks.checkpoint_every_n_steps=4", "trainer.max_steps=40", *QUIET[2:3]]  # fmt: skip
-    args = [a for a in RESUME_ARGS if not a.startswith(("trainer.max_steps", "dataset.batch_size", "callbacks."))]
-
-    def cmd(run_dir):
-        return [sys.executable, "-m", "diffusion_lab.train", *args, *ddp, f"hydra.run.dir={run_dir}"]
-
     run_dir, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
     with open(tmp_path / "victim.log", "w") as output:
-        victim = subprocess.Popen(cmd(run_dir), env=_env(), stdout=output, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.05)
-        victim.send_signal(signal.SIGTERM)
+        cmd = _two_process_cmd("ddp", run_dir, 40)
+        victim = subprocess.Popen(cmd, env=_env(), stdout=output, stderr=subprocess.STDOUT)
+        _after_first_checkpoint(victim, last, lambda: victim.send_signal(signal.SIGTERM), 300)
         assert victim.wait(timeout=300) == 143, (tmp_path / "victim.log").read_text()[-3000:]
     stopped_at = load_checkpoint(last)["global_step"]
     assert f"wrote {last} (step {stopped_at}); exiting with status 143" in (tmp_path / "victim.log").read_text()
     for run in (run_dir, tmp_path / "ref"):
-        proc = subprocess.run(cmd(run), env=_env(), capture_output=True, text=True, timeout=400)
+        cmd = _two_process_cmd("ddp", run, 40)
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (load_checkpoint(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "ref", run_dir))
     assert a["global_step"] == b["global_step"] == 40 and 4 <= stopped_at < 40
@@ -226,28 +231,18 @@ def test_fsdp_run_sigkilled_with_its_process_group_resumes_bit_identical(tmp_pat
     """trainer=fsdp on 2 CPU processes (gloo), the whole job SIGKILLed (both ranks, as a scheduler or a node loss
     does) after its first checkpoint: the same command resumes from the consolidated last.ckpt and ends with exactly
     the raw and EMA weights and optimizer moments of an uninterrupted FSDP2 run. No lock or temp file is left."""
-    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "dataset.batch_size=64",
-            "callbacks.checkpoint_every_n_steps=4", "trainer.max_steps=24", *QUIET[2:3]]  # fmt: skip
-    args = [a for a in RESUME_ARGS if not a.startswith(("trainer.max_steps", "dataset.batch_size", "callbacks."))]
-
-    def cmd(run_dir):
-        return [sys.executable, "-m", "diffusion_lab.train", *args, *fsdp, f"hydra.run.dir={run_dir}"]
-
     run_dir, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
     with open(tmp_path / "victim.log", "w") as output:
-        victim = subprocess.Popen(
-            cmd(run_dir), env=_env(), stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + 300
-        while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.05)
-        os.killpg(victim.pid, signal.SIGKILL)  # rank 0 and the rank-1 process it launched
+        cmd = _two_process_cmd("fsdp", run_dir, 24)
+        victim = subprocess.Popen(cmd, env=_env(), stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        # SIGKILL to rank 0 and the rank-1 process it launched
+        _after_first_checkpoint(victim, last, lambda: os.killpg(victim.pid, signal.SIGKILL), 300)
         assert victim.wait(timeout=60) == -signal.SIGKILL, (tmp_path / "victim.log").read_text()[-3000:]
     killed_at = load_checkpoint(last)["global_step"]
     assert 4 <= killed_at < 24 and killed_at % 4 == 0
     for run in (run_dir, tmp_path / "ref"):
-        proc = subprocess.run(cmd(run), env=_env(), capture_output=True, text=True, timeout=600)
+        cmd = _two_process_cmd("fsdp", run, 24)
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (load_checkpoint(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "ref", run_dir))
     assert a["global_step"] == b["global_step"] == 24

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,7 @@ import torch
 
 from diffusion_lab.checkpoint_file import read_checkpoint
 from tests.sharded_train import run
-from tests.test_evaluate import DDP_SCRIPT
-from tests.test_train import TINY_TOY
+from tests.test_evaluate import DDP_SCRIPT, assert_sharded_generation_equals_single
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 3, 8
@@ -151,15 +149,4 @@ def test_fsdp_sharded_evaluation_equals_single_process(tmp_path: Path) -> None:
         "from diffusion_lab.strategies import FSDP2Strategy"
     )  # fmt: skip
     assert "FSDP2Strategy()" in script_text
-    script = tmp_path / "fsdp_eval.py"
-    script.write_text(textwrap.dedent(script_text))
-    n = 11  # odd: one rank has a padded shard
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(n), *TINY_TOY],
-        capture_output=True, text=True, timeout=500, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    sharded, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
-    assert sharded.shape == (n, 2) and len(torch.unique(sharded, dim=0)) == n
-    torch.testing.assert_close(sharded, single, rtol=1e-5, atol=1e-6)
+    assert_sharded_generation_equals_single(script_text, tmp_path, n=11)  # odd: one rank has a padded shard
