@@ -178,3 +178,31 @@ def load_preset_from(directory: Path, name: str):
         return load_preset(name)
     finally:
         reproduce.PRESET_DIR = old
+
+
+def test_each_rows_evaluations_get_their_own_sweep_and_are_found_at_any_depth(tmp_path, monkeypatch):
+    """Job numbers restart at 0 in every dlab-evaluate multirun: each (column, row, invocation) sweeps into its own
+    directory, so two rows' job 0 never overwrite each other, and every record is found below the column, keyed by
+    the resolved checkpoint path whether the record holds it relative or absolute."""
+    from diffusion_lab.reproduce import Column, Row, checkpoint_key, evaluate_command, evaluated, last_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    root = Path("runs")
+    column = Column("euler1", "Euler", "val/w2_sq@*", ["sampler=euler"])
+    rows = [Row("fm", "FM", []), Row("ot", "OT", [])]
+    sweeps = []
+    for row in rows:
+        cmd = evaluate_command(root, column, row, [last_checkpoint(root, row, 0)], "local")
+        sweep = Path(next(a for a in cmd if a.startswith("hydra.sweep.dir=")).split("=", 1)[1])
+        assert sweep.parent == root / "evaluate" / "euler1" / row.name
+        sweeps.append(sweep)
+    assert sweeps[0] != sweeps[1]
+    for row, sweep, held in zip(rows, sweeps, ("relative", "absolute"), strict=True):
+        ckpt = last_checkpoint(root, row, 0)
+        (sweep / "0").mkdir(parents=True)  # job 0 of each row's own multirun
+        stored = str(ckpt) if held == "relative" else str(ckpt.resolve())
+        (sweep / "0" / "evaluation.json").write_text(json.dumps({"checkpoint": stored, "row": row.name}))
+    found = evaluated(root, column)
+    for row in rows:
+        assert found[checkpoint_key(last_checkpoint(root, row, 0))]["row"] == row.name
+    assert checkpoint_key("runs/x/../x/last.ckpt") == str((tmp_path / "runs" / "x" / "last.ckpt").resolve())

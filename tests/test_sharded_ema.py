@@ -75,3 +75,23 @@ def test_copy_sets_every_tensor_to_the_live_one_and_keeps_the_counter() -> None:
     perturb(live, gen)
     update.update()  # n_averaged 0: a copy, then the counter moves
     assert torch.equal(ema.module.lin.weight, live.lin.weight) and int(ema.n_averaged) == 1
+
+
+def test_the_gathered_ema_copy_takes_the_mode_of_the_sharded_one_on_every_call() -> None:
+    """Sampling in validation runs in eval mode (dropout off, BatchNorm on running statistics): the plain copy that
+    ShardedEMA.gather returns follows the train/eval mode Lightning gave the sharded copy, also when the step's
+    weights are cached, and holds its weights and buffers."""
+    from diffusion_lab.strategies import ShardedEMA
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.BatchNorm1d(4))
+    perturb(net, torch.Generator().manual_seed(2))
+    ema = ShardedEMA(net)
+    net.eval()
+    full = ema.gather(net, 1, torch.device("cpu"))
+    assert not any(m.training for m in full.modules())
+    for (name, a), b in zip(full.state_dict().items(), net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(full(x), net(x), rtol=0, atol=0)  # eval: deterministic, running statistics
+    net.train()
+    assert all(m.training for m in ema.gather(net, 1, torch.device("cpu")).modules())  # cached step, new mode
