@@ -153,6 +153,15 @@ def test_render_points() -> None:
     assert not np.array_equal(image, other)
 
 
+@pytest.mark.parametrize("name", ["torchdyn_moons", "c2ot_eight_gaussians"])
+def test_paper_unit_sets_render_on_their_papers_axes(name) -> None:
+    """The C2OT pair lives on [-7, 7]² (source radius 5): a sample at (6, 6) lands at pixel (372, 28) of the 400²
+    image, where [-3, 3]² axes would have cut it off."""
+    dm = make(name, num_train=512, num_val=64)
+    pixel = dm.render(torch.full((64, 2), 6.0))[24:33, 368:377].reshape(-1, 3).astype(int)
+    assert ((pixel[:, 2] - pixel[:, 0]) > 50).any()  # blue: the sample is drawn
+
+
 class _TinyModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
