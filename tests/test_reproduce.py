@@ -206,3 +206,26 @@ def test_each_rows_evaluations_get_their_own_sweep_and_are_found_at_any_depth(tm
     for row in rows:
         assert found[checkpoint_key(last_checkpoint(root, row, 0))]["row"] == row.name
     assert checkpoint_key("runs/x/../x/last.ckpt") == str((tmp_path / "runs" / "x" / "last.ckpt").resolve())
+
+
+def test_run_all_trains_unfinished_seeds_and_scores_only_finished_unscored_checkpoints(tmp_path, monkeypatch):
+    """Seed 0 trained and scored, seed 1 trained and not scored, seed 2 not trained: training runs for seed 2
+    only, and the evaluation multirun gets seed 1's checkpoint only (never a missing file, never one scored)."""
+    from diffusion_lab.reproduce import Column, Preset, Row, checkpoint_key, last_checkpoint, run_all, run_dir
+
+    root, row = tmp_path / "runs", Row("fm", "FM", ["experiment=toy2d"])
+    column = Column("euler1", "Euler", "val/w2_sq@*", ["sampler=euler"])
+    preset = Preset("p", "t", "paper", "q", True, [0, 1, 2], [row], [column], {}, [])
+    for seed in (0, 1):
+        last_checkpoint(root, row, seed).parent.mkdir(parents=True)
+        last_checkpoint(root, row, seed).write_bytes(b"ckpt")
+        (run_dir(root, row, seed) / reproduce.SUMMARY_FILE).write_text("{}")
+    scored = root / "evaluate" / "euler1" / "fm" / "earlier" / "0"
+    scored.mkdir(parents=True)
+    (scored / "evaluation.json").write_text(json.dumps({"checkpoint": checkpoint_key(last_checkpoint(root, row, 0))}))
+    commands = []
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, check: commands.append(cmd))
+    run_all(preset, root, [0, 1, 2], "local")
+    train, evaluate = commands
+    assert "diffusion_lab.train" in train and "seed=2" in train
+    assert "diffusion_lab.evaluate" in evaluate and f"ckpt_path={last_checkpoint(root, row, 1)}" in evaluate
